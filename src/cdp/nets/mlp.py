@@ -1,0 +1,143 @@
+"""MLP denoiser in the Diffusion-QL / EDP style.
+
+Architecture facts from Wang et al., "Diffusion Policies as an Expressive
+Policy Class for Offline Reinforcement Learning" (Diffusion-QL, ICLR 2023;
+reference code Zhendong-Wang/Diffusion-Policies-for-Offline-RL,
+``agents/model.py``) and Kang et al., "Efficient Diffusion Policies for
+Offline RL" (EDP, NeurIPS 2023):
+
+* time: sinusoidal embedding (``time_dim``) -> Linear(time_dim, 2 time_dim)
+  -> Mish -> Linear(2 time_dim, time_dim);
+* trunk: concat ``[x, t_emb, cond]`` -> ``n_layers`` x (Linear(hidden) -> Mish)
+  -> Linear(hidden, action_dim).
+
+Time is the project's continuous ``t in [0, 1]`` embedded as ``1000 t``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cdp.nets.embeddings import SinusoidalTimeEmbedding
+
+__all__ = ["MLPDenoiserConfig", "MLPDenoiser"]
+
+
+@dataclass
+class MLPDenoiserConfig:
+    """Hyper-parameters of :class:`MLPDenoiser`.
+
+    Attributes:
+        action_dim: ``Da``.
+        cond_dim: ``Dc`` (0 means unconditional; ``cond`` must then be ``None``).
+        hidden: width of the hidden layers (256 in Diffusion-QL).
+        n_layers: number of hidden Linear+Mish layers (3 in Diffusion-QL).
+        time_dim: size of the sinusoidal time embedding and of the time-MLP output (16).
+        horizon: chunk length ``H`` accepted for ``(B, H, Da)`` inputs, which are
+            flattened to ``H * Da`` features; ``(B, Da)`` inputs require ``horizon == 1``.
+    """
+
+    action_dim: int
+    cond_dim: int = 0
+    hidden: int = 256
+    n_layers: int = 3
+    time_dim: int = 16
+    horizon: int = 1
+
+    def __post_init__(self) -> None:
+        if self.action_dim < 1:
+            raise ValueError(f"MLPDenoiserConfig: action_dim must be >= 1, got {self.action_dim}")
+        if self.cond_dim < 0:
+            raise ValueError(f"MLPDenoiserConfig: cond_dim must be >= 0, got {self.cond_dim}")
+        if self.hidden < 1:
+            raise ValueError(f"MLPDenoiserConfig: hidden must be >= 1, got {self.hidden}")
+        if self.n_layers < 1:
+            raise ValueError(f"MLPDenoiserConfig: n_layers must be >= 1, got {self.n_layers}")
+        if self.time_dim < 2 or self.time_dim % 2 != 0:
+            raise ValueError(f"MLPDenoiserConfig: time_dim must be even and >= 2, got {self.time_dim}")
+        if self.horizon < 1:
+            raise ValueError(f"MLPDenoiserConfig: horizon must be >= 1, got {self.horizon}")
+
+
+class MLPDenoiser(nn.Module):
+    """Diffusion-QL style MLP denoiser.
+
+    Interface: ``net(x, t, cond) -> out``.
+
+    Args:
+        action_dim, cond_dim, hidden, n_layers, time_dim, horizon: see
+        :class:`MLPDenoiserConfig` (or pass ``config=``).
+
+    Shapes:
+        x: ``(B, Da)`` (needs ``horizon == 1``) or ``(B, H, Da)`` with ``H == horizon``
+        (flattened to ``(B, H * Da)`` internally).
+        t: ``(B,)`` float diffusion time in ``[0, 1]``.
+        cond: ``(B, Dc)`` or ``None`` (iff ``cond_dim == 0``).
+        returns: same shape as ``x``.
+    """
+
+    def __init__(
+        self,
+        action_dim: int | None = None,
+        cond_dim: int = 0,
+        hidden: int = 256,
+        n_layers: int = 3,
+        time_dim: int = 16,
+        horizon: int = 1,
+        *,
+        config: MLPDenoiserConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if config is None:
+            if action_dim is None:
+                raise ValueError("MLPDenoiser: pass action_dim or config")
+            config = MLPDenoiserConfig(action_dim, cond_dim, hidden, n_layers, time_dim, horizon)
+        self.config = config
+        c = config
+        self.flat_dim = c.horizon * c.action_dim
+        self.time_mlp = nn.Sequential(
+            SinusoidalTimeEmbedding(c.time_dim),
+            nn.Linear(c.time_dim, 2 * c.time_dim),
+            nn.Mish(),
+            nn.Linear(2 * c.time_dim, c.time_dim),
+        )
+        layers: list[nn.Module] = []
+        width = self.flat_dim + c.time_dim + c.cond_dim
+        for _ in range(c.n_layers):
+            layers += [nn.Linear(width, c.hidden), nn.Mish()]
+            width = c.hidden
+        self.trunk = nn.Sequential(*layers)
+        self.out = nn.Linear(c.hidden, self.flat_dim)
+
+    def _check_inputs(self, x: torch.Tensor, cond: torch.Tensor | None) -> None:
+        c = self.config
+        if x.dim() == 2:
+            ok = c.horizon == 1 and x.shape[-1] == c.action_dim
+        elif x.dim() == 3:
+            ok = x.shape[1] == c.horizon and x.shape[2] == c.action_dim
+        else:
+            ok = False
+        if not ok:
+            expect = f"(B, {c.action_dim})" if c.horizon == 1 else f"(B, {c.horizon}, {c.action_dim})"
+            raise ValueError(f"MLPDenoiser: x must have shape {expect}, got {tuple(x.shape)}")
+        if c.cond_dim == 0 and cond is not None:
+            raise ValueError("MLPDenoiser: built with cond_dim=0 but cond was given")
+        if c.cond_dim > 0:
+            if cond is None:
+                raise ValueError(f"MLPDenoiser: cond of shape (B, {c.cond_dim}) is required")
+            if cond.dim() != 2 or cond.shape[-1] != c.cond_dim:
+                raise ValueError(f"MLPDenoiser: cond must have shape (B, {c.cond_dim}), got {tuple(cond.shape)}")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_inputs(x, cond)
+        b = x.shape[0]
+        flat = x.reshape(b, self.flat_dim)
+        t = t.reshape(-1).expand(b) if t.numel() == 1 else t
+        parts = [flat, self.time_mlp(t.to(x.dtype))]
+        if cond is not None:
+            parts.append(cond)
+        out = self.out(self.trunk(torch.cat(parts, dim=-1)))
+        return out.reshape(x.shape)
