@@ -14,6 +14,12 @@ with Transformers" (ICCV 2023; reference code facebookresearch/DiT,
   layer (adaLN-Zero: every block starts as the identity);
 * final layer: adaLN (shift, scale) + zero-initialised ``Linear(d_model -> Da)``.
 
+LayerNorm is computed explicitly (mean / variance / rsqrt) instead of with
+``torch.nn.functional.layer_norm``: in torch 2.13 the latter has a correct JVP
+but reverse-mode AD *through* that JVP (what the contraction regulariser
+needs) returns wrong gradients (pytorch/pytorch#196700; checked against finite
+differences in ``tests/test_nets.py``).
+
 Because of the zero initialisation the freshly built network outputs exactly
 zero for every input (as in DiT); gradients are non-zero so training proceeds
 normally.  Attention is written with plain matmuls + softmax (no fused
@@ -78,6 +84,23 @@ class DiTConfig:
             raise ValueError(f"DiTConfig: time_embed_dim must be even and >= 2, got {self.time_embed_dim}")
 
 
+class _LayerNorm(nn.Module):
+    """Non-affine LayerNorm over the last dim, written with elementary ops.
+
+    ``(..., D) -> (..., D)``; same values as ``nn.LayerNorm(D, elementwise_affine=False)``
+    but differentiable to any order in any AD mode (see module docstring).
+    """
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x - x.mean(dim=-1, keepdim=True)
+        var = (xc * xc).mean(dim=-1, keepdim=True)
+        return xc * torch.rsqrt(var + self.eps)
+
+
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x (B, H, D)``, ``shift/scale (B, D)`` -> ``x * (1 + scale) + shift``."""
     return x * (1.0 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -110,9 +133,9 @@ class _DiTBlock(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, mlp_ratio: float) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
+        self.norm1 = _LayerNorm(eps=1e-6)
         self.attn = _SelfAttention(d_model, n_heads)
-        self.norm2 = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
+        self.norm2 = _LayerNorm(eps=1e-6)
         hidden = int(round(mlp_ratio * d_model))
         self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d_model))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d_model, 6 * d_model))
@@ -174,7 +197,7 @@ class DiTDenoiser(nn.Module):
             nn.Sequential(nn.Linear(c.cond_dim, d), nn.SiLU(), nn.Linear(d, d)) if c.cond_dim > 0 else None
         )
         self.blocks = nn.ModuleList(_DiTBlock(d, c.n_heads, c.mlp_ratio) for _ in range(c.n_layers))
-        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_norm = _LayerNorm(eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.out_proj = nn.Linear(d, c.action_dim)
         for lin in (self.final_ada[1], self.out_proj):
