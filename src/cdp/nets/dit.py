@@ -161,7 +161,7 @@ class DiTDenoiser(nn.Module):
     Shapes:
         x: ``(B, H, Da)`` with ``1 <= H <= max_horizon``, or ``(B, Da)`` (single
         action, treated as ``H = 1``).
-        t: ``(B,)`` float diffusion time in ``[0, 1]``.
+        t: ``(B,)`` float diffusion time in ``[0, 1]`` (one element: broadcast).
         cond: ``(B, Dc)`` or ``None`` (iff ``cond_dim == 0``).
         returns: same shape as ``x``.
     """

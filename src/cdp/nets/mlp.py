@@ -74,7 +74,7 @@ class MLPDenoiser(nn.Module):
     Shapes:
         x: ``(B, Da)`` (needs ``horizon == 1``) or ``(B, H, Da)`` with ``H == horizon``
         (flattened to ``(B, H * Da)`` internally).
-        t: ``(B,)`` float diffusion time in ``[0, 1]``.
+        t: ``(B,)`` float diffusion time in ``[0, 1]`` (one element: broadcast).
         cond: ``(B, Dc)`` or ``None`` (iff ``cond_dim == 0``).
         returns: same shape as ``x``.
     """

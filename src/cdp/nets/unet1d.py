@@ -137,7 +137,7 @@ class ConditionalUnet1D(nn.Module):
     Shapes:
         x: ``(B, H, Da)`` noisy action chunk; ``H`` must be a multiple of
         ``2 ** (len(down_dims) - 1)`` (``ValueError`` otherwise).
-        t: ``(B,)`` float diffusion time in ``[0, 1]``.
+        t: ``(B,)`` float diffusion time in ``[0, 1]`` (one element: broadcast).
         cond: ``(B, Dc)`` or ``None`` (iff ``cond_dim == 0``).
         returns: ``(B, H, Da)``.
     """
