@@ -1,0 +1,449 @@
+r"""The contraction regulariser of Contractive Diffusion Policies (Abyaneh et al., ICLR 2026), algorithm-independent.
+
+It takes any denoiser callable ``(noisy_action, t, condition) -> output`` and returns a scalar loss and metrics.
+
+Theory (Theorem 3.1 in this project's convention)
+-------------------------------------------------
+A policy samples by integrating the probability-flow ODE in *sampling time* τ = 1 − t (noise → action):
+
+.. math:: \dot a = F(a,\tau) = c_a(t)\,a + c_n(t)\,N_\theta(a,t,s),
+          \qquad J_F^{sym} = c_a I + c_n J_N^{sym},\quad J^{sym} = \tfrac12(J + J^\top),
+
+with :math:`N_\theta` the network output and :math:`(c_a, c_n)` from
+:meth:`cdp.schedules.NoiseSchedule.ode_coefficients`. For two solutions, :math:`\tfrac{\mathrm d}{\mathrm d\tau}
+\tfrac12\|\delta a\|^2 = \delta a^\top J_F^{sym}\delta a \le \lambda_{\max}(J_F^{sym})\|\delta a\|^2`, so
+:math:`\|\delta a(\tau_1)\| \le \exp\!\int_{\tau_0}^{\tau_1}\lambda_{\max}(J_F^{sym})\,\mathrm d\tau\;\|\delta a(\tau_0)\|`
+(Corollary 3.1.1): the flow **contracts where** :math:`\lambda_{\max}(J_F^{sym}) < 0`.
+
+Because :math:`J_F^{sym}` is an affine function of :math:`J_N^{sym}`,
+
+.. math:: \lambda_{\max}(J_F^{sym}) = c_a + c_n\,\lambda_{\max}(J_N^{sym}) \ \text{ if } c_n>0,\qquad
+          c_a + c_n\,\lambda_{\min}(J_N^{sym}) \ \text{ if } c_n<0 .
+
+Dividing by :math:`|c_n|` gives the *normalised* drift Jacobian used throughout this module,
+
+.. math:: \hat J = r\,I + s\,J_N^{sym},\qquad s=\operatorname{sign}(c_n),\quad r = c_a/|c_n|,
+          \qquad \lambda_{\max}(\hat J) = r + \lambda_{\max}(s\,J_N^{sym}),
+
+and the flow contracts iff :math:`\lambda_{\max}(\hat J) < 0`. For a VP schedule the ratio ``r`` is free of β(t):
+
+=============  =====  ==========  =========================================================================
+prediction     s      r           contraction condition
+=============  =====  ==========  =========================================================================
+``epsilon``    −1     σ_t         :math:`\lambda_{\min}(J_\varepsilon^{sym}) > \sigma_t`
+``sample``     +1     −α_t        :math:`\lambda_{\max}(J_{x_0}^{sym}) < \alpha_t`
+``score``      +1     1           :math:`\lambda_{\max}(J_{s}^{sym}) < -1`
+=============  =====  ==========  =========================================================================
+
+So for the usual ε-network in sampling time, **h(t) = c_n < 0 and the binding eigenvalue is λ_min of**
+:math:`J_\varepsilon^{sym}`; the paper's :math:`\lambda_{\max}(J_\varepsilon^{sym}) + f/h` is the same expression written for a
+time direction in which h > 0. Check with Gaussian data :math:`a_0\sim\mathcal N(\mu, s^2 I)`: the exact
+:math:`J_\varepsilon = \sigma/(\alpha^2 s^2+\sigma^2)\,I`, and :math:`\lambda_{\min} > \sigma \iff s < 1`: sampling contracts
+exactly when the data are narrower than the prior (tested in ``tests/test_contraction.py``).
+
+Losses (all on :math:`\hat J`, per sample, averaged over the regularised samples)
+  * ``hinge`` (the paper): :math:`\max(-\beta, \lambda_{\max}(\hat J))`, total loss :math:`L_d + \gamma L_c`.
+  * ``frobenius``: :math:`\|\hat J + \beta I\|_F^2 / d` — pulls the whole spectrum to −β; the exact form and its
+    Hutchinson twin (:math:`\mathbb E_v\|(\hat J+\beta I)v\|^2/d`, Rademacher v) estimate the same quantity.
+    (The paper writes :math:`\|J_\varepsilon^{sym}+\beta I\|_F`; taken literally for an ε-network in sampling time that
+    would push the flow to *expand*; this is its sign-consistent form.)
+  * ``authors``: the public code's variant, for reproduction: the Jacobian of the x0-prediction
+    (:math:`J_{x_0} = (I - \sigma J_\varepsilon)/\alpha` for an ε-network) and ``mean((J_x0^sym + m I)**2)`` over matrix
+    entries, ``m = authors_shift`` (0.1); the public code applies it at the lowest-noise 10% of steps
+    (set ``t_range=(0, 0.1)``).
+
+Estimators of :math:`\lambda_{\max}(\hat J)`, one interface (:func:`lambda_max`):
+  * ``exact``: full Jacobian by ``vmap(jacfwd)`` (d forward-mode passes) and ``eigvalsh``.
+  * ``power``: two-phase *shifted* power iteration with matrix-free products :math:`J^{sym}v = (Jv + J^\top v)/2`
+    (one JVP + one VJP). Phase 1 finds the eigenvalue μ of largest magnitude; if μ < 0 (the dominant one is the
+    most negative, as in a contractive field), phase 2 iterates on :math:`A - \mu I`, whose dominant eigenvalue is
+    :math:`\lambda_{\max} - \mu`. Unshifted power iteration (``power_unshifted``, as in the public code) returns μ,
+    which is *not* λ_max there.
+  * ``lanczos``: K-step Lanczos with full re-orthogonalisation; the largest Ritz value.
+  The eigenvector search runs without a graph to the parameters; the returned value is the Rayleigh quotient
+  :math:`v^\top \hat J v` at the (detached) eigenvector, computed with one JVP *with* a graph, whose gradient is the
+  eigenvalue's gradient (Hellmann–Feynman) at convergence. ``exact`` differentiates ``eigvalsh`` directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch.func import jacfwd, jvp, vjp, vmap
+
+from .schedules import NoiseSchedule, PREDICTION_TYPES
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+ESTIMATORS = ("exact", "power", "lanczos", "power_unshifted", "hutchinson")
+LOSSES = ("hinge", "frobenius", "authors")
+
+
+# ------------------------------------------------------------------------------------------------ sign convention
+def sign_and_ratio(schedule: NoiseSchedule, t: torch.Tensor, prediction: str = "epsilon") -> tuple[float, torch.Tensor]:
+    r"""``(s, r)`` such that :math:`\hat J = r I + s J_N^{sym}` is the sampling drift's Jacobian divided by |c_n|.
+
+    Args:
+        t: (B,) diffusion times. prediction: ``"epsilon"``, ``"sample"`` or ``"score"``.
+    Returns:
+        s (±1, a float) and r, shape (B,), dtype of ``t``.
+    Raises:
+        ValueError: unknown prediction type.
+    """
+    if prediction == "epsilon":
+        return -1.0, schedule.sigma(t)
+    if prediction == "sample":
+        return 1.0, -schedule.alpha(t)
+    if prediction == "score":
+        return 1.0, torch.ones_like(t)
+    raise ValueError(f"unknown prediction type {prediction!r}; expected one of {PREDICTION_TYPES}")
+
+
+# ------------------------------------------------------------------------------------------ Jacobian primitives
+def _flat(fn: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> Callable:
+    shape = x.shape
+    return lambda xf: fn(xf.reshape(shape), t, cond).reshape(shape[0], -1)
+
+
+def jacobian(fn: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample Jacobians ∂fn(x)_i/∂x_i of a batched denoiser, by ``vmap(jacfwd)``.
+
+    Args:
+        fn: ``(x (B, ...), t (B,), cond (B, Dc) or None) -> (B, ...)``; samples must not interact (no batch norm).
+        x: (B, ...) noisy actions; flattened to d = prod(...) internally. t: (B,). cond: (B, Dc) or None.
+    Returns:
+        (B, d, d) Jacobians, differentiable w.r.t. the parameters ``fn`` closes over.
+    """
+    shape = x.shape[1:]
+
+    def single(xi, ti, ci):
+        out = fn(xi.reshape((1,) + shape), ti.reshape(1), None if ci is None else ci.unsqueeze(0))
+        return out.reshape(-1)
+
+    xf = x.reshape(x.shape[0], -1)
+    if cond is None:
+        return vmap(jacfwd(lambda xi, ti: single(xi, ti, None)))(xf, t)
+    return vmap(jacfwd(single))(xf, t, cond)
+
+
+def jvp_and_vjp(fn: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, v: torch.Tensor):
+    """Batched (J v, Jᵀ v) with v of shape (B, d): one forward-mode and one reverse-mode pass. Returns two (B, d)."""
+    f = _flat(fn, x, t, cond)
+    xf = x.reshape(x.shape[0], -1)
+    _, jv = jvp(f, (xf,), (v,))
+    _, pullback = vjp(f, xf)
+    (jtv,) = pullback(v)
+    return jv, jtv
+
+
+def sym_matvec(fn: Denoiser, x, t, cond, v: torch.Tensor) -> torch.Tensor:
+    """J^sym v = (J v + Jᵀ v)/2 per sample; v and result (B, d)."""
+    jv, jtv = jvp_and_vjp(fn, x, t, cond, v)
+    return 0.5 * (jv + jtv)
+
+
+def quadratic_form(fn: Denoiser, x, t, cond, v: torch.Tensor) -> torch.Tensor:
+    """vᵀ J v = vᵀ J^sym v per sample with one JVP (keeps the graph to the parameters); v (B, d) → (B,)."""
+    f = _flat(fn, x, t, cond)
+    _, jv = jvp(f, (x.reshape(x.shape[0], -1),), (v,))
+    return (v * jv).sum(-1)
+
+
+def _normalize(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+def _power(matvec: Callable, v: torch.Tensor, iters: int, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Power iteration on (A + shift I); returns (Rayleigh quotient of A, vector)."""
+    for _ in range(iters):
+        w = matvec(v)
+        if shift is not None:
+            w = w + shift[:, None] * v
+        v = _normalize(w)
+    return (v * matvec(v)).sum(-1), v
+
+
+def _lanczos(matvec: Callable, v: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-step Lanczos with full re-orthogonalisation, batched; returns (largest Ritz value, Ritz vector)."""
+    B, d = v.shape
+    K = min(iters, d)
+    Q = [_normalize(v)]
+    alphas, betas = [], []
+    for j in range(K):
+        w = matvec(Q[j])
+        a = (w * Q[j]).sum(-1)
+        alphas.append(a)
+        Qm = torch.stack(Q, -1)  # (B, d, j+1)
+        for _ in range(2):  # full re-orthogonalisation, twice for stability
+            w = w - (Qm @ (Qm.transpose(1, 2) @ w.unsqueeze(-1))).squeeze(-1)
+        if j + 1 < K:
+            b = w.norm(dim=-1)
+            betas.append(b)
+            Q.append(w / b.clamp_min(1e-30)[:, None])
+    Tm = torch.diag_embed(torch.stack(alphas, -1))
+    if betas:
+        off = torch.stack(betas, -1)
+        Tm = Tm + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    evals, evecs = torch.linalg.eigh(Tm)
+    y = evecs[..., -1]  # (B, K)
+    vec = _normalize((torch.stack(Q, -1) @ y.unsqueeze(-1)).squeeze(-1))
+    return evals[..., -1], vec
+
+
+def lambda_max(fn: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None, *,
+               sign: float = 1.0, estimator: str = "power", iters: int = 4,
+               generator: torch.Generator | None = None, v0: torch.Tensor | None = None,
+               return_vector: bool = False):
+    r"""Per-sample largest eigenvalue of :math:`A = s\,J^{sym}` with J the Jacobian of ``fn`` w.r.t. its first input.
+
+    Args:
+        fn: batched denoiser ``(x, t, cond) -> same shape as x``.
+        x: (B, ...) points (flattened to d). t: (B,). cond: (B, Dc) or None.
+        sign: s = ±1 (use −1 to get −λ_min(J^sym)).
+        estimator: ``"exact"``, ``"power"`` (shifted, two phases of ``iters`` each), ``"lanczos"`` (``iters`` steps)
+            or ``"power_unshifted"`` (largest-magnitude eigenvalue; for comparison only).
+        iters: K, iterations per phase (power) or Krylov dimension (Lanczos).
+        generator / v0: random start vector (B, d) or its RNG.
+        return_vector: also return the (detached) eigenvector estimate, (B, d).
+
+    Returns:
+        (B,) estimates, differentiable w.r.t. the parameters of ``fn`` (see module docstring).
+
+    Raises:
+        ValueError: unknown estimator or iters < 1.
+    """
+    if estimator not in ("exact", "power", "lanczos", "power_unshifted"):
+        raise ValueError(f"unknown eigenvalue estimator {estimator!r}; expected exact, power, lanczos or power_unshifted")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    B = x.shape[0]
+    d = x[0].numel()
+    if estimator == "exact":
+        J = jacobian(fn, x, t, cond)
+        A = sign * 0.5 * (J + J.transpose(1, 2))
+        evals, evecs = torch.linalg.eigh(A)
+        lam = evals[:, -1]
+        return (lam, evecs[:, :, -1].detach()) if return_vector else lam
+
+    xd = x.detach()
+
+    def matvec(v):
+        return sign * sym_matvec(fn, xd, t, cond, v)
+
+    if v0 is None:
+        v0 = torch.randn(B, d, generator=generator, dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        if estimator == "lanczos":
+            _, v = _lanczos(matvec, v0.detach(), iters)
+        else:
+            mu, v = _power(matvec, _normalize(v0.detach()), iters)
+            if estimator == "power":
+                # Phase 2 on A + ρI with ρ = ‖A v‖ ≥ |μ| (→ spectral radius), so A + ρI is (nearly) PSD and its
+                # dominant eigenvalue is λ_max + ρ. Every Rayleigh quotient is a lower bound of λ_max, so keep
+                # whichever phase's vector gives the larger one.
+                rho = matvec(v).norm(dim=-1)
+                v_start = _normalize(torch.randn(B, d, generator=generator, dtype=x.dtype, device=x.device))
+                mu2, v2 = _power(matvec, v_start, iters, shift=rho)
+                v = torch.where((mu2 > mu)[:, None], v2, v)
+    v = v.detach()
+    lam = sign * quadratic_form(fn, xd, t, cond, v)
+    return (lam, v) if return_vector else lam
+
+
+def symmetric_jacobian_eigvals(fn: Denoiser, x, t, cond=None) -> torch.Tensor:
+    """Exact eigenvalues (ascending) of J^sym per sample, (B, d). For diagnostics and tests."""
+    J = jacobian(fn, x, t, cond)
+    return torch.linalg.eigvalsh(0.5 * (J + J.transpose(1, 2)))
+
+
+# ------------------------------------------------------------------------------------------------ the regulariser
+@dataclass
+class ContractionConfig:
+    """Settings of the contraction regulariser.
+
+    Attributes:
+        loss: ``"hinge"`` (paper, default), ``"frobenius"`` or ``"authors"`` (public-code variant).
+        estimator: for ``hinge``: ``"exact"``, ``"power"``, ``"lanczos"``, ``"power_unshifted"``; for
+            ``frobenius``: ``"exact"`` or ``"hutchinson"``; ``authors`` always uses the exact Jacobian.
+            ``"auto"`` picks ``exact`` when the action dimension d ≤ ``auto_exact_max_dim`` (d forward passes are
+            then no dearer than 2K matrix-vector products) and ``power`` otherwise (``hutchinson`` for frobenius).
+        weight: γ, the loss weight (paper: 0.1).
+        margin: β ≥ 0, the hinge floor / Frobenius target −β (stops over-contraction).
+        iters: K, power iterations per phase or Lanczos steps (paper: 3–4).
+        n_probes: Hutchinson probes.
+        t_range: (lo, hi), the diffusion times t ∈ (lo, hi] (fractions of the schedule, 0 = data, 1 = noise) at which
+            the regulariser is applied; the paper: every step (0, 1); the public code: lowest-noise 10% (0, 0.1).
+            With a discrete schedule the steps k with k/T in the range are used (k = 1 if none falls inside).
+        max_samples: regularise at most this many samples of each batch (None: all).
+        prediction: what the network outputs (``"epsilon"``, ``"sample"``, ``"score"``).
+        authors_shift: the ``0.1`` of the public code's mean((J_x0^sym + 0.1 I)²).
+        auto_exact_max_dim: the d threshold of ``estimator="auto"``.
+    """
+
+    loss: Literal["hinge", "frobenius", "authors"] = "hinge"
+    estimator: str = "auto"
+    weight: float = 0.1
+    margin: float = 0.0
+    iters: int = 4
+    n_probes: int = 1
+    t_range: tuple[float, float] = (0.0, 1.0)
+    max_samples: int | None = None
+    prediction: str = "epsilon"
+    authors_shift: float = 0.1
+    auto_exact_max_dim: int = 8
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown contraction loss {self.loss!r}; expected one of {LOSSES}")
+        allowed = {"hinge": ("auto", "exact", "power", "lanczos", "power_unshifted"),
+                   "frobenius": ("auto", "exact", "hutchinson"), "authors": ("auto", "exact")}[self.loss]
+        if self.estimator not in allowed:
+            raise ValueError(f"estimator {self.estimator!r} does not apply to loss {self.loss!r}; choose from {allowed}")
+        if not (self.weight >= 0 and math.isfinite(self.weight)):
+            raise ValueError(f"weight (gamma) must be finite and >= 0, got {self.weight}")
+        if not (self.margin >= 0 and math.isfinite(self.margin)):
+            raise ValueError(f"margin (beta) must be finite and >= 0, got {self.margin}")
+        if self.iters < 1 or self.n_probes < 1:
+            raise ValueError("iters and n_probes must be >= 1")
+        lo, hi = self.t_range
+        if not (0.0 <= lo < hi <= 1.0):
+            raise ValueError(f"t_range must satisfy 0 <= lo < hi <= 1, got {self.t_range}")
+        self.t_range = (float(lo), float(hi))
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1 or None, got {self.max_samples}")
+        if self.prediction not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction type {self.prediction!r}; expected one of {PREDICTION_TYPES}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ContractionRegularizer:
+    """The CDP loss term, independent of any algorithm.
+
+    Usage::
+
+        reg = ContractionRegularizer(ContractionConfig(weight=0.1), schedule)
+        loss_c, metrics = reg(denoiser, noisy_action, t, cond)        # at given points
+        loss_c, metrics = reg.loss_from_clean(denoiser, actions, cond)  # draws t in t_range and noise itself
+        total = loss_d + loss_c                                        # loss_c already includes the weight γ
+
+    Args:
+        config: :class:`ContractionConfig`.
+        schedule: the diffusion's :class:`~cdp.schedules.NoiseSchedule` (gives α_t, σ_t).
+    """
+
+    def __init__(self, config: ContractionConfig | None, schedule: NoiseSchedule) -> None:
+        self.config = config if config is not None else ContractionConfig()
+        self.schedule = schedule
+        lo, hi = self.config.t_range
+        T = schedule.num_steps
+        ks = [k for k in range(1, T + 1) if lo < k / T <= hi + 1e-12]
+        #: the discrete steps the regulariser is applied at
+        self.steps = torch.tensor(ks if ks else [1], dtype=torch.long)
+
+    def _estimator(self, d: int) -> str:
+        c = self.config
+        if c.estimator != "auto":
+            return c.estimator
+        if c.loss == "authors":
+            return "exact"
+        if d <= c.auto_exact_max_dim:
+            return "exact"
+        return "hutchinson" if c.loss == "frobenius" else "power"
+
+    def __call__(self, denoiser: Denoiser, noisy_action: torch.Tensor, t: torch.Tensor,
+                 cond: torch.Tensor | None = None, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted contraction loss γ·L_c at the given points.
+
+        Args:
+            denoiser: ``(noisy_action (B, ...), t (B,), cond) -> (B, ...)``.
+            noisy_action: (B, ...) points a_t. t: (B,) diffusion times in (0, 1]. cond: (B, Dc) or None.
+            generator: RNG for start vectors / probes.
+        Returns:
+            (loss, metrics): a scalar tensor with graph to the denoiser's parameters, and floats
+            ``lambda_max_mean``, ``lambda_max_max``, ``frac_contractive`` (λ_max(Ĵ) < 0), ``loss_c`` (unweighted).
+        Raises:
+            ValueError: shape mismatch between ``noisy_action``, ``t`` and ``cond``.
+        """
+        c = self.config
+        B = noisy_action.shape[0]
+        if t.shape != (B,):
+            raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
+        if cond is not None and cond.shape[0] != B:
+            raise ValueError(f"cond batch {cond.shape[0]} != noisy_action batch {B}")
+        d = noisy_action[0].numel()
+        est = self._estimator(d)
+        s, r = sign_and_ratio(self.schedule, t.to(torch.float64), c.prediction)
+        r = r.to(noisy_action.dtype)
+        metrics: dict[str, float] = {}
+        if c.loss == "hinge":
+            lam_n = lambda_max(denoiser, noisy_action, t, cond, sign=s, estimator=est, iters=c.iters, generator=generator)
+            lam = r + lam_n  # λ_max(Ĵ)
+            per = torch.clamp(lam, min=-c.margin)
+            lam_d = lam.detach()
+        elif c.loss == "frobenius":
+            shift = r + c.margin  # Ĵ + βI = (r + β) I + s J^sym
+            if est == "exact":
+                J = jacobian(denoiser, noisy_action, t, cond)
+                M = s * 0.5 * (J + J.transpose(1, 2)) + shift[:, None, None] * torch.eye(d, dtype=J.dtype, device=J.device)
+                per = (M**2).sum((1, 2)) / d
+                lam_d = (r + torch.linalg.eigvalsh(s * 0.5 * (J + J.transpose(1, 2)))[:, -1]).detach()
+            else:
+                per = torch.zeros(B, dtype=noisy_action.dtype, device=noisy_action.device)
+                for _ in range(c.n_probes):
+                    v = torch.randint(0, 2, (B, d), generator=generator, device=noisy_action.device).to(noisy_action.dtype) * 2 - 1
+                    Mv = s * sym_matvec(denoiser, noisy_action.detach(), t, cond, v) + shift[:, None] * v
+                    per = per + (Mv**2).sum(-1) / (d * c.n_probes)
+                lam_d = None
+        else:  # authors: mean((J_x0^sym + m I)^2) over entries
+            J = jacobian(denoiser, noisy_action, t, cond)
+            Js = 0.5 * (J + J.transpose(1, 2))
+            eye = torch.eye(d, dtype=J.dtype, device=J.device)
+            al = self.schedule.alpha(t.to(torch.float64)).to(J.dtype)[:, None, None]
+            si = self.schedule.sigma(t.to(torch.float64)).to(J.dtype)[:, None, None]
+            if c.prediction == "epsilon":
+                Jx0 = (eye - si * Js) / al
+            elif c.prediction == "sample":
+                Jx0 = Js
+            else:  # score: x0 = (a + σ² s)/α
+                Jx0 = (eye + si**2 * Js) / al
+            per = ((Jx0 + c.authors_shift * eye) ** 2).mean((1, 2))
+            lam_d = (r + torch.linalg.eigvalsh(s * Js)[:, -1]).detach()
+        loss_c = per.mean()
+        metrics["loss_c"] = float(loss_c.detach())
+        if lam_d is not None:
+            metrics["lambda_max_mean"] = float(lam_d.mean())
+            metrics["lambda_max_max"] = float(lam_d.max())
+            metrics["frac_contractive"] = float((lam_d < 0).float().mean())
+        return c.weight * loss_c, metrics
+
+    def sample_points(self, clean_action: torch.Tensor, cond: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None):
+        """Draw regularisation points: a subsample of the batch, steps k from :attr:`steps`, fresh noise.
+
+        Args:
+            clean_action: (B, ...) normalised actions a_0. cond: (B, Dc) or None.
+        Returns:
+            (noisy_action (b, ...), t (b,), cond (b, Dc) or None) with b = min(B, max_samples).
+        """
+        B = clean_action.shape[0]
+        b = B if self.config.max_samples is None else min(B, self.config.max_samples)
+        dev = clean_action.device
+        idx = torch.randperm(B, generator=generator)[:b].to(dev) if b < B else torch.arange(B, device=dev)
+        a0 = clean_action[idx]
+        c = None if cond is None else cond[idx]
+        k = self.steps[torch.randint(0, len(self.steps), (b,), generator=generator)]
+        noise = torch.randn(a0.shape, generator=generator, dtype=a0.dtype).to(dev)
+        a_t = self.schedule.add_noise(a0, noise, k.to(dev))
+        t = (k.to(a0.dtype) / self.schedule.num_steps).to(dev)
+        return a_t, t, c
+
+    def loss_from_clean(self, denoiser: Denoiser, clean_action: torch.Tensor, cond: torch.Tensor | None = None,
+                        generator: torch.Generator | None = None):
+        """:meth:`sample_points` then :meth:`__call__`; returns (weighted loss, metrics)."""
+        a_t, t, c = self.sample_points(clean_action, cond, generator)
+        return self(denoiser, a_t, t, c, generator=generator)

@@ -1,0 +1,142 @@
+r"""Contraction diagnostics of a trained :class:`~cdp.policy.DiffusionPolicy`.
+
+* :func:`lambda_along_trajectory` — per sampling step, :math:`\lambda_{\max}(\hat J)` (normalised, sign-consistent; < 0
+  means contracting) and :math:`\lambda_{\max}(J_F^{sym}) = |c_n|\,\lambda_{\max}(\hat J)` (units 1/time) at the
+  points a DDIM trajectory visits.
+* :func:`divergence_ratio` — ‖δa_final‖ / ‖δa_init‖ of two DDIM trajectories started ``eps`` apart, beside the
+  Corollary 3.1.1 bound :math:`\exp\sum_k \lambda_{\max}(J_F^{sym}(t_k))\,\Delta\tau_k` evaluated on the reference
+  trajectory (the bound is for the exact ODE flow; DDIM is its first-order exponential integrator).
+* :func:`action_variance` — trace of the covariance of actions sampled at one state across sampling seeds.
+* :func:`off_support_fraction` — fraction of samples whose nearest data point is farther than a threshold (by
+  default the ``quantile`` of the data's own nearest-neighbour distances).
+
+All functions work in the policy's normalised action space unless stated and use exact Jacobians
+(:func:`cdp.contraction.symmetric_jacobian_eigvals`), so they are meant for small action dimensions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .contraction import sign_and_ratio, symmetric_jacobian_eigvals
+from .samplers import make_sampler
+
+
+def _cond_repeat(policy, obs: torch.Tensor, n: int) -> torch.Tensor:
+    cond = policy._cond(obs)
+    if cond.shape[0] == 1 and n > 1:
+        cond = cond.expand(n, -1).contiguous()
+    return cond
+
+
+@torch.no_grad()
+def _ddim_traj(policy, cond: torch.Tensor, a_init: torch.Tensor):
+    s = make_sampler("ddim", policy.schedule, policy.config.prediction, policy.config.clip_sample)
+    a, traj = a_init, []
+    B = a.shape[0]
+    for i, k in enumerate(s.timesteps.tolist()):
+        traj.append((a, k))
+        t = torch.full((B,), s.t_of(k), dtype=a.dtype)
+        a = s.step(policy.net(a, t, cond), i, a)
+    return a, traj, s
+
+
+def lambda_along_trajectory(policy, obs: torch.Tensor, n_samples: int = 64,
+                            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    r"""λ statistics at the points of DDIM sampling trajectories.
+
+    Args:
+        policy: a DiffusionPolicy. obs: (1, Do) / (1, To, Do) (repeated) or (n_samples, ...).
+        n_samples: trajectories.
+    Returns:
+        dict with ``t`` (S,) diffusion times of the S steps (high noise first), ``lambda_hat`` (S, n) λ_max(Ĵ),
+        ``lambda_F`` (S, n) λ_max(J_F^sym) in 1/time, ``dtau`` (S,) step lengths in sampling time.
+    """
+    cond = _cond_repeat(policy, obs, n_samples)
+    a0 = torch.randn((cond.shape[0],) + policy.action_shape, generator=generator)
+    return lambda_on_trajectory(policy, cond, a0, include_final=True)
+
+
+def lambda_on_trajectory(policy, cond: torch.Tensor, a_init: torch.Tensor, include_final: bool = True
+                         ) -> dict[str, torch.Tensor]:
+    """As :func:`lambda_along_trajectory` from a normalised cond (n, Dc) and initial noise (n, ...).
+
+    ``include_final=False`` drops the last step (to k = 0, x̂0 itself), which the ODE bound does not cover.
+    """
+    _, traj, s = _ddim_traj(policy, cond, a_init)
+    pred = policy.config.prediction
+    T = policy.schedule.num_steps
+    n = a_init.shape[0]
+    ts, lam_hat, lam_F, dtau = [], [], [], []
+    for (a, k), kp in zip(traj, s.prev_timesteps.tolist()):
+        if kp == 0 and not include_final:
+            break
+        t = torch.full((n,), k / T, dtype=a.dtype)
+        sgn, r = sign_and_ratio(policy.schedule, t.double(), pred)
+        ev = symmetric_jacobian_eigvals(policy.net, a, t, cond).detach().double()
+        lh = r + (ev[:, -1] if sgn > 0 else -ev[:, 0])
+        _, cn = policy.schedule.ode_coefficients(t.double(), pred)
+        ts.append(k / T)
+        lam_hat.append(lh)
+        lam_F.append(cn.abs() * lh)
+        dtau.append((k - kp) / T)
+    if not ts:
+        z = torch.zeros(0, n, dtype=torch.float64)
+        return {"t": torch.zeros(0), "lambda_hat": z, "lambda_F": z, "dtau": torch.zeros(0, dtype=torch.float64)}
+    return {"t": torch.tensor(ts), "lambda_hat": torch.stack(lam_hat), "lambda_F": torch.stack(lam_F),
+            "dtau": torch.tensor(dtau, dtype=torch.float64)}
+
+
+def divergence_ratio(policy, obs: torch.Tensor, n_pairs: int = 64, eps: float = 1e-3,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Divergence of neighbouring DDIM flows and the Corollary 3.1.1 bound.
+
+    Args:
+        obs: (1, ...) (repeated) or (n_pairs, ...). eps: initial separation (normalised units).
+    Returns:
+        dict with ``ratio`` (n,) = ‖δa_final‖/‖δa_init‖ and ``bound`` (n,) = exp(Σ λ_max(J_F^sym) Δτ) along the
+        reference trajectory. The final step to k = 0 (x̂0 itself) is included in the ratio; the bound covers the
+        ODE up to the last noise level t_1 and is reported without the last step's x̂0 map.
+    """
+    cond = _cond_repeat(policy, obs, n_pairs)
+    n = cond.shape[0]
+    a0 = torch.randn((n,) + policy.action_shape, generator=generator)
+    d = torch.randn(a0.shape, generator=generator)
+    d = eps * d / d.flatten(1).norm(dim=1).view((-1,) + (1,) * (d.dim() - 1))
+    fa, _, _ = _ddim_traj(policy, cond, a0)
+    fb, _, _ = _ddim_traj(policy, cond, a0 + d)
+    ratio = (fa - fb).flatten(1).norm(dim=1) / eps
+    lam = lambda_on_trajectory(policy, cond, a0, include_final=False)
+    bound = torch.exp((lam["lambda_F"] * lam["dtau"][:, None]).sum(0))
+    return {"ratio": ratio.double(), "bound": bound}
+
+
+@torch.no_grad()
+def action_variance(policy, obs: torch.Tensor, n_samples: int = 256, generator: torch.Generator | None = None) -> float:
+    """Trace of the covariance of ``n_samples`` unnormalised actions sampled at one observation ``obs`` (1, ...)."""
+    if obs.shape[0] != 1:
+        raise ValueError("action_variance takes a single observation (batch of 1)")
+    rep = obs.expand((n_samples,) + tuple(obs.shape[1:]))
+    acts = policy.sample(rep, generator=generator).flatten(1).double()
+    return float(acts.var(0, unbiased=True).sum())
+
+
+def off_support_fraction(samples: torch.Tensor, reference: torch.Tensor, threshold: float | None = None,
+                         quantile: float = 0.99, max_reference: int = 5000) -> float:
+    """Fraction of ``samples`` (N, D) whose nearest neighbour in ``reference`` (M, D) is farther than ``threshold``.
+
+    With no threshold it is the ``quantile`` of the reference's own leave-one-out nearest-neighbour distances.
+    """
+    if samples.dim() != 2 or reference.dim() != 2 or samples.shape[1] != reference.shape[1]:
+        raise ValueError(f"samples (N, D) and reference (M, D) must share D; got {tuple(samples.shape)}, {tuple(reference.shape)}")
+    ref = reference.double()
+    if ref.shape[0] > max_reference:
+        ref = ref[torch.randperm(ref.shape[0], generator=torch.Generator().manual_seed(0))[:max_reference]]
+    if threshold is None:
+        dd = torch.cdist(ref, ref)
+        dd.fill_diagonal_(math.inf)
+        threshold = float(torch.quantile(dd.min(1).values, quantile))
+    dist = torch.cdist(samples.double(), ref).min(1).values
+    return float((dist > threshold).double().mean())

@@ -1,0 +1,303 @@
+r"""A conditional diffusion policy with an optional contraction regulariser (the "CDP" of any diffusion policy).
+
+The policy models p(a | s) for a single action a ∈ R^{Da} (offline RL, diffusion BC) or an action chunk
+a ∈ R^{H×Da} (Diffusion Policy), conditioned on the (normalised, flattened) observation history
+s ∈ R^{To·Do}. Training minimises the score-matching loss (Ho et al. 2020, ε-prediction; x0-prediction optional)
+
+.. math:: L_d = \mathbb E_{k, a_0, \varepsilon}\,\|\varepsilon - \varepsilon_\theta(\alpha_k a_0 + \sigma_k\varepsilon, k/T, s)\|^2
+
+plus, when configured, :math:`\gamma L_c` from :class:`cdp.contraction.ContractionRegularizer`. Actions are
+normalised to [-1, 1] (min-max) and samples are clipped there, as Diffusion Policy and Diffusion-QL do.
+
+Runtime API (LeRobot style): :meth:`DiffusionPolicy.reset` clears the observation/action queues and
+:meth:`DiffusionPolicy.select_action` takes one observation and returns one action, re-planning a chunk every
+``n_action_steps`` calls.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .contraction import ContractionConfig, ContractionRegularizer
+from .normalization import Normalizer
+from .samplers import SAMPLERS, make_sampler, sample as run_sampler
+from .schedules import NoiseSchedule, PREDICTION_TYPES, ScheduleConfig
+
+
+@dataclass
+class DiffusionPolicyConfig:
+    """Settings of :class:`DiffusionPolicy` (validated on construction).
+
+    Attributes:
+        obs_dim: Do, one observation's dimension. action_dim: Da.
+        horizon: H, actions predicted per sample (1 = a single action; Diffusion Policy: 16).
+        n_obs_steps: To, observations in the condition (Diffusion Policy: 2).
+        n_action_steps: actions executed from each predicted chunk by :meth:`DiffusionPolicy.select_action`.
+        network: ``"mlp"`` (Diffusion-QL/EDP 3×256 Mish), ``"unet"`` (ConditionalUnet1D) or ``"dit"``.
+        network_kwargs: passed to the network constructor.
+        schedule: noise schedule settings (default: Diffusion-QL's vp schedule with T = 5).
+        prediction: ``"epsilon"`` or ``"sample"`` (x0).
+        sampler / num_inference_steps: default sampler (``"ddpm"``, ``"ddim"``, ``"dpmsolver++"``) and its steps
+            (None: all T).
+        clip_sample: clip x̂0 to [-c, c] in normalised units while sampling (None: no clipping).
+        obs_normalizer / action_normalizer: normaliser modes (see :mod:`cdp.normalization`).
+        ema_decay: EMA decay of the evaluation weights (0 disables EMA).
+        contraction: :class:`~cdp.contraction.ContractionConfig` fields, or None for a plain diffusion policy.
+    """
+
+    obs_dim: int
+    action_dim: int
+    horizon: int = 1
+    n_obs_steps: int = 1
+    n_action_steps: int = 1
+    network: str = "mlp"
+    network_kwargs: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=lambda: {"name": "vp", "num_steps": 5})
+    prediction: str = "epsilon"
+    sampler: str = "ddpm"
+    num_inference_steps: int | None = None
+    clip_sample: float | None = 1.0
+    obs_normalizer: str = "gaussian"
+    action_normalizer: str = "minmax"
+    ema_decay: float = 0.995
+    contraction: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("obs_dim", "action_dim", "horizon", "n_obs_steps", "n_action_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.obs_dim < 1:
+            raise ValueError("obs_dim must be >= 1")
+        if self.horizon == 1 and self.n_action_steps != 1:
+            raise ValueError("n_action_steps must be 1 when horizon == 1")
+        if self.horizon > 1 and self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
+            raise ValueError(f"n_obs_steps - 1 + n_action_steps ({self.n_obs_steps - 1 + self.n_action_steps}) "
+                             f"cannot exceed horizon ({self.horizon})")
+        if self.network not in ("mlp", "unet", "dit"):
+            raise ValueError(f"unknown network {self.network!r}; expected 'mlp', 'unet' or 'dit'")
+        if self.prediction not in ("epsilon", "sample"):
+            raise ValueError(f"prediction must be 'epsilon' or 'sample', got {self.prediction!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
+        if not (0.0 <= self.ema_decay < 1.0):
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        sched = self.schedule_config()  # validates
+        if self.num_inference_steps is not None and not (1 <= self.num_inference_steps <= sched.num_steps):
+            raise ValueError(f"num_inference_steps must be in 1..{sched.num_steps}, got {self.num_inference_steps}")
+        if self.contraction is not None:
+            cc = self.contraction_config()
+            if cc.prediction != self.prediction:
+                raise ValueError("contraction.prediction must match the policy's prediction type")
+
+    def schedule_config(self) -> ScheduleConfig:
+        return ScheduleConfig(**self.schedule)
+
+    def contraction_config(self) -> ContractionConfig | None:
+        if self.contraction is None:
+            return None
+        kw = dict(self.contraction)
+        kw.setdefault("prediction", self.prediction)
+        if "t_range" in kw:
+            kw["t_range"] = tuple(kw["t_range"])
+        return ContractionConfig(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DiffusionPolicyConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown policy config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def build_denoiser(config: DiffusionPolicyConfig) -> nn.Module:
+    """Construct the network named by ``config.network`` with the shared ``net(x, t, cond)`` interface."""
+    cond_dim = config.obs_dim * config.n_obs_steps
+    kw = dict(config.network_kwargs)
+    if config.network == "mlp":
+        from .nets.mlp import MLPDenoiser
+        return MLPDenoiser(action_dim=config.action_dim, cond_dim=cond_dim, horizon=config.horizon, **kw)
+    if config.network == "unet":
+        from .nets.unet1d import ConditionalUnet1D
+        return ConditionalUnet1D(action_dim=config.action_dim, cond_dim=cond_dim, **kw)
+    from .nets.dit import DiTDenoiser
+    return DiTDenoiser(action_dim=config.action_dim, horizon=config.horizon, cond_dim=cond_dim, **kw)
+
+
+class EMA:
+    """Exponential moving average of a module's parameters and buffers (evaluation weights).
+
+    decay_k = min(decay, (1 + k) / (10 + k)) at update k (the usual warm-up, as in Diffusion-QL / EDP).
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        self.num_updates += 1
+        for pe, p in zip(self.model.parameters(), model.parameters()):
+            pe.mul_(d).add_(p.detach(), alpha=1 - d)
+        for be, b in zip(self.model.buffers(), model.buffers()):
+            be.copy_(b)
+
+
+class DiffusionPolicy(nn.Module):
+    """Conditional diffusion policy π(a | s) with optional contraction regularisation.
+
+    Shapes: ``obs`` is (B, Do) or (B, To, Do); actions are (B, Da) when ``horizon == 1`` else (B, H, Da).
+    All public methods take and return *unnormalised* tensors.
+
+    Raises:
+        ValueError: on invalid config (see :class:`DiffusionPolicyConfig`) or inputs of the wrong shape / NaNs.
+    """
+
+    def __init__(self, config: DiffusionPolicyConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.schedule = NoiseSchedule(config.schedule_config())
+        self.net = build_denoiser(config)
+        self.obs_normalizer = Normalizer(config.obs_dim, config.obs_normalizer)
+        self.action_normalizer = Normalizer(config.action_dim, config.action_normalizer)
+        cc = config.contraction_config()
+        self.regularizer = ContractionRegularizer(cc, self.schedule) if cc is not None else None
+        self._obs_queue: deque = deque(maxlen=config.n_obs_steps)
+        self._action_queue: deque = deque()
+
+    # ------------------------------------------------------------------------------------------------ shapes
+    @property
+    def action_shape(self) -> tuple[int, ...]:
+        c = self.config
+        return (c.action_dim,) if c.horizon == 1 else (c.horizon, c.action_dim)
+
+    def fit_normalizers(self, obs: torch.Tensor, actions: torch.Tensor) -> None:
+        """Fit the observation and action normalisers on data (..., Do) and (..., Da)."""
+        self.obs_normalizer.fit(obs)
+        self.action_normalizer.fit(actions)
+
+    def _cond(self, obs: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if obs.dim() == 2:
+            obs = obs.unsqueeze(1)
+        if obs.dim() != 3 or obs.shape[1] != c.n_obs_steps or obs.shape[2] != c.obs_dim:
+            raise ValueError(f"obs must have shape (B, {c.obs_dim}) or (B, {c.n_obs_steps}, {c.obs_dim}); got {tuple(obs.shape)}")
+        if not torch.isfinite(obs).all():
+            raise ValueError("obs contain NaN or inf")
+        return self.obs_normalizer.normalize(obs).reshape(obs.shape[0], -1)
+
+    def denoiser(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """The network on normalised inputs: x (B, *action_shape), t (B,) in [0, 1], cond (B, To·Do)."""
+        return self.net(x, t, cond)
+
+    # ------------------------------------------------------------------------------------------------ training
+    def compute_loss(self, obs: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
+                     noise: torch.Tensor | None = None, k: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """L_d (+ γ L_c) on a batch.
+
+        Args:
+            obs: (B, Do) or (B, To, Do). actions: (B, *action_shape), unnormalised.
+            generator: RNG for steps/noise; ``noise`` (B, *action_shape) and ``k`` (B,) may be injected.
+        Returns:
+            (scalar loss, metrics with ``loss_d`` and, with a regulariser, its metrics prefixed ``contraction/``).
+        """
+        B = obs.shape[0]
+        if tuple(actions.shape) != (B,) + self.action_shape:
+            raise ValueError(f"actions must have shape (B, {', '.join(map(str, self.action_shape))}), got {tuple(actions.shape)}")
+        if not torch.isfinite(actions).all():
+            raise ValueError("actions contain NaN or inf")
+        cond = self._cond(obs)
+        a0 = self.action_normalizer.normalize(actions)
+        T = self.schedule.num_steps
+        if k is None:
+            k = torch.randint(1, T + 1, (B,), generator=generator).to(a0.device)
+        if noise is None:
+            noise = torch.randn(a0.shape, generator=generator, dtype=a0.dtype).to(a0.device)
+        a_t = self.schedule.add_noise(a0, noise, k)
+        t = k.to(a0.dtype) / T
+        out = self.net(a_t, t, cond)
+        target = noise if self.config.prediction == "epsilon" else a0
+        loss_d = ((out - target) ** 2).mean()
+        metrics = {"loss_d": float(loss_d.detach())}
+        loss = loss_d
+        if self.regularizer is not None and self.regularizer.config.weight > 0:
+            loss_c, m = self.regularizer.loss_from_clean(self.net, a0, cond, generator=generator)
+            loss = loss + loss_c
+            metrics.update({f"contraction/{key}": v for key, v in m.items()})
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, obs: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+               sampler: str | None = None, num_inference_steps: int | None = None,
+               return_trajectory: bool = False):
+        """Draw one action (chunk) per observation.
+
+        Args:
+            obs: (B, Do) or (B, To, Do). noise: optional (B, *action_shape) initial noise.
+            sampler / num_inference_steps: override the configured sampler.
+            return_trajectory: also return the normalised intermediate samples (list of (B, *action_shape)).
+        Returns:
+            (B, *action_shape) unnormalised actions (and the trajectory if asked).
+        """
+        c = self.config
+        cond = self._cond(obs)
+        B = cond.shape[0]
+        s = make_sampler(sampler or c.sampler, self.schedule, c.prediction, c.clip_sample,
+                         num_inference_steps if num_inference_steps is not None else c.num_inference_steps)
+        if noise is None:
+            noise = torch.randn((B,) + self.action_shape, generator=generator, dtype=cond.dtype).to(cond.device)
+        elif tuple(noise.shape) != (B,) + self.action_shape:
+            raise ValueError(f"noise must have shape {(B,) + self.action_shape}, got {tuple(noise.shape)}")
+        a, traj = run_sampler(self.net, s, noise, cond, generator=generator, return_trajectory=True)
+        if c.clip_sample is not None:
+            a = a.clamp(-c.clip_sample, c.clip_sample)
+        act = self.action_normalizer.unnormalize(a)
+        return (act, traj) if return_trajectory else act
+
+    # ------------------------------------------------------------------------------------------------ runtime
+    def reset(self) -> None:
+        """Clear the observation and action queues (call at the start of every episode)."""
+        self._obs_queue.clear()
+        self._action_queue.clear()
+
+    @torch.no_grad()
+    def select_action(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One closed-loop step. obs: (B, Do) → action (B, Da).
+
+        The last To observations are kept (the first is repeated at the episode start); a chunk is sampled when the
+        action queue is empty and its actions ``[To-1, To-1+n_action_steps)`` are queued (Diffusion Policy's
+        execution window; for H = 1 the single action is used).
+        """
+        c = self.config
+        if len(self._obs_queue) == 0:
+            for _ in range(c.n_obs_steps):
+                self._obs_queue.append(obs)
+        else:
+            self._obs_queue.append(obs)
+        if not self._action_queue:
+            hist = torch.stack(list(self._obs_queue), 1)
+            acts = self.sample(hist, generator=generator)
+            if c.horizon == 1:
+                self._action_queue.append(acts)
+            else:
+                start = c.n_obs_steps - 1
+                for i in range(start, start + c.n_action_steps):
+                    self._action_queue.append(acts[:, i])
+        return self._action_queue.popleft()

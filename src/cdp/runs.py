@@ -1,0 +1,175 @@
+"""The run-folder format shared by every ``cdp`` job (RL, IL, toy, benchmarks).
+
+::
+
+    <run_dir>/
+      config.yaml              the fully resolved configuration of the run
+      metrics.jsonl            one JSON object per logged step: {"step": int, "time": float, <name>: float, ...}
+      tb/                      TensorBoard event files with the same scalars
+      checkpoints/<name>/      model.safetensors (weights, EMA weights under "ema.") + policy.json (config) +
+                               state.pt (optimiser/RNG state for resuming; only with trainer state)
+      results.json / *.md/png  job outputs
+
+Checkpoints are written atomically: into a temporary folder that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+
+class RunDir:
+    """A run folder: resolved config, metrics (JSONL + TensorBoard), checkpoints.
+
+    Args:
+        path: the folder (created if missing).
+        config: the resolved configuration to save as ``config.yaml`` (None: keep an existing one).
+        tensorboard: also write TensorBoard events under ``tb/``.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: dict[str, Any] | None = None, tensorboard: bool = True) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        if config is not None:
+            atomic_write_text(self.path / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False))
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.path / "tb"))
+            except Exception:  # tensorboard missing: JSONL only
+                self._tb = None
+        self._t0 = time.time()
+
+    def log(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
+        """Append one line to metrics.jsonl and the same scalars to TensorBoard."""
+        rec = {"step": int(step), "time": round(time.time() - self._t0, 3)}
+        rec.update({f"{prefix}{k}": float(v) for k, v in metrics.items()})
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k not in ("step", "time"):
+                    self._tb.add_scalar(k, v, step)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        p = self.path / "metrics.jsonl"
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        p = self.path / name
+        atomic_write_text(p, json.dumps(_plain(obj), indent=2))
+        return p
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    return obj
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                    state: dict[str, Any] | None = None) -> Path:
+    """Atomically write ``model.safetensors`` + ``policy.json`` (+ ``state.pt``) into ``directory``.
+
+    Args:
+        tensors: name → tensor (made contiguous; shared storage is cloned).
+        meta: JSON-serialisable metadata (policy class and config, step, ...).
+        state: optional trainer state (optimiser, RNG) saved with ``torch.save``.
+    Returns:
+        the checkpoint folder.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
+    try:
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
+        (tmp / "policy.json").write_text(json.dumps(_plain(meta), indent=2))
+        if state is not None:
+            torch.save(state, tmp / "state.pt")
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
+    """Read a checkpoint folder → (tensors, meta, state or None).
+
+    Raises:
+        FileNotFoundError: the folder or its ``model.safetensors`` / ``policy.json`` is missing.
+    """
+    directory = Path(directory)
+    for name in ("model.safetensors", "policy.json"):
+        if not (directory / name).exists():
+            raise FileNotFoundError(f"not a cdp checkpoint: {directory / name} is missing")
+    tensors = load_file(str(directory / "model.safetensors"))
+    meta = json.loads((directory / "policy.json").read_text())
+    state = torch.load(directory / "state.pt", weights_only=False) if (directory / "state.pt").exists() else None
+    return tensors, meta, state
+
+
+def save_policy(directory: str | os.PathLike, policy, ema=None, step: int = 0, extra: dict[str, Any] | None = None,
+                state: dict[str, Any] | None = None) -> Path:
+    """Save a :class:`~cdp.policy.DiffusionPolicy` (and its EMA weights) as a checkpoint folder."""
+    tensors = {f"model.{k}": v for k, v in policy.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
+    meta = {"class": type(policy).__name__, "config": policy.config.to_dict(), "step": step, **(extra or {})}
+    return save_checkpoint(directory, tensors, meta, state)
+
+
+def load_policy(directory: str | os.PathLike, use_ema: bool = True):
+    """Load a :class:`~cdp.policy.DiffusionPolicy` from a checkpoint folder (EMA weights when present)."""
+    from .policy import DiffusionPolicy, DiffusionPolicyConfig
+
+    tensors, meta, _ = load_checkpoint(directory)
+    if meta.get("class") != "DiffusionPolicy":
+        raise ValueError(f"checkpoint {directory} holds a {meta.get('class')!r}, not a DiffusionPolicy")
+    policy = DiffusionPolicy(DiffusionPolicyConfig.from_dict(meta["config"]))
+    prefix = "ema." if use_ema and any(k.startswith("ema.") for k in tensors) else "model."
+    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    policy.load_state_dict(sd)
+    return policy.eval()

@@ -1,0 +1,214 @@
+r"""Variance-preserving noise schedules, discrete and in continuous time, and the sampling-ODE coefficients.
+
+Conventions (used everywhere in ``cdp``)
+---------------------------------------
+*Diffusion time* ``t`` runs from 0 (data) to 1 (noise). The forward (noising) process is
+
+.. math::  a_t = \alpha_t a_0 + \sigma_t \varepsilon,\qquad \alpha_t^2 + \sigma_t^2 = 1,\qquad \varepsilon\sim\mathcal N(0, I),
+
+with :math:`\beta(t) = -2\,\mathrm d\log\alpha_t/\mathrm dt` (Song et al., ICLR 2021, VP-SDE). A discrete schedule of
+``T`` steps is the continuous one read at :math:`t_k = k/T`, :math:`k = 1..T` (``alphas_cumprod[k-1] = \alpha_{t_k}^2``),
+except for the cosine schedule whose per-step betas are clipped at 0.999 exactly as DDPM-improved / diffusers'
+``squaredcos_cap_v2`` do. Networks are fed ``t`` (a float in [0, 1]); a discrete step ``k`` is fed as ``k / T``.
+
+*Sampling time* :math:`\tau = 1 - t` runs from 0 (noise) to 1 (action): it is the direction in which a policy
+integrates. The probability-flow ODE written in sampling time is
+
+.. math::  \frac{\mathrm d a}{\mathrm d\tau} = F(a,\tau) = c_a(t)\, a + c_n(t)\, N_\theta(a, t, s),
+
+where :math:`N_\theta` is the network output. With :math:`\varepsilon_\theta \approx -\sigma_t\nabla_a\log p_t`:
+
+================  =========================  ==========================  =====================
+prediction        :math:`c_a(t)`             :math:`c_n(t)`              sign of :math:`c_n`
+================  =========================  ==========================  =====================
+``epsilon``       :math:`\beta/2`            :math:`-\beta/(2\sigma)`    negative
+``sample`` (x0)   :math:`-\beta\alpha^2/(2\sigma^2)`   :math:`\beta\alpha/(2\sigma^2)`   positive
+``score``         :math:`\beta/2`            :math:`\beta/2`             positive
+================  =========================  ==========================  =====================
+
+Derivation: in diffusion time the PF-ODE is :math:`\dot a = f a - \tfrac12 g^2\nabla\log p_t` with
+:math:`f = -\beta/2`, :math:`g^2 = \beta`; reversing time flips both signs, and substituting
+:math:`\nabla\log p_t = -\varepsilon/\sigma` or :math:`\varepsilon = (a - \alpha \hat a_0)/\sigma` gives the table.
+The *project's* :math:`f(t), h(t)` of the paper's :math:`F = f a + h\,\varepsilon_\theta` are :math:`c_a, c_n` of the
+``epsilon`` row: **h(t) < 0 in sampling time**, which is why :mod:`cdp.contraction` penalises
+:math:`\lambda_{\min}` of :math:`J_\varepsilon^{sym}` (see there).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+ScheduleName = Literal["linear", "cosine", "vp"]
+PredictionType = Literal["epsilon", "sample", "score"]
+PREDICTION_TYPES = ("epsilon", "sample", "score")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Settings of a VP noise schedule.
+
+    Attributes:
+        name: ``"linear"`` (Song et al. VP, :math:`\\beta(t)=\\beta_{min}+t(\\beta_{max}-\\beta_{min})` with
+            0.1 / 20, the continuous limit of DDPM's ``linspace(1e-4, 0.02, 1000)``), ``"vp"`` (the Diffusion-QL
+            schedule: same form with 0.1 / 10, whose discrete betas are
+            ``1 - exp(-b_min/T - (b_max-b_min)(2k-1)/(2T^2))``; Wang et al. 2023, ``diffusion.py``), or ``"cosine"``
+            (Nichol & Dhariwal 2021, offset s = 0.008, betas clipped at 0.999).
+        num_steps: T, the number of discrete diffusion steps used for training (≥ 1).
+        beta_min, beta_max: override the linear/vp end points (continuous-time units).
+        cosine_s: the cosine schedule's offset.
+    """
+
+    name: ScheduleName = "vp"
+    num_steps: int = 5
+    beta_min: float | None = None
+    beta_max: float | None = None
+    cosine_s: float = 0.008
+
+    def __post_init__(self) -> None:
+        if self.name not in ("linear", "cosine", "vp"):
+            raise ValueError(f"unknown schedule {self.name!r}; expected one of 'linear', 'cosine', 'vp'")
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {self.num_steps!r}")
+        if self.name == "cosine" and (self.beta_min is not None or self.beta_max is not None):
+            raise ValueError("beta_min/beta_max do not apply to the cosine schedule")
+        bmin, bmax = self.betas_range()
+        if self.name != "cosine" and not (0 < bmin <= bmax):
+            raise ValueError(f"need 0 < beta_min <= beta_max, got {bmin}, {bmax}")
+        if not (0 <= self.cosine_s < 1):
+            raise ValueError(f"cosine_s must be in [0, 1), got {self.cosine_s}")
+
+    def betas_range(self) -> tuple[float, float]:
+        defaults = {"linear": (0.1, 20.0), "vp": (0.1, 10.0), "cosine": (float("nan"), float("nan"))}[self.name]
+        return (
+            defaults[0] if self.beta_min is None else float(self.beta_min),
+            defaults[1] if self.beta_max is None else float(self.beta_max),
+        )
+
+
+class NoiseSchedule:
+    """A VP schedule in continuous time with its ``T``-step discretisation.
+
+    All methods take ``t`` as a float tensor of any shape (diffusion time in [0, 1]) and return a tensor of the
+    same shape and dtype. Source: Song et al. 2021 (VP-SDE), Ho et al. 2020 (DDPM), Nichol & Dhariwal 2021 (cosine),
+    Wang et al. 2023 (Diffusion-QL "vp").
+
+    Raises:
+        ValueError: for invalid settings (via :class:`ScheduleConfig`).
+    """
+
+    #: the largest diffusion time of the continuous cosine schedule is clipped so that alpha > 0
+    COSINE_T_MAX = 0.9946
+
+    def __init__(self, config: ScheduleConfig | None = None, **kwargs) -> None:
+        self.config = config if config is not None else ScheduleConfig(**kwargs)
+        c = self.config
+        self.num_steps = c.num_steps
+        self.beta_min, self.beta_max = c.betas_range()
+        T = c.num_steps
+        k = torch.arange(1, T + 1, dtype=torch.float64)
+        if c.name == "cosine":
+            def abar(x: torch.Tensor) -> torch.Tensor:
+                return torch.cos((x + c.cosine_s) / (1 + c.cosine_s) * math.pi / 2) ** 2
+            betas = torch.clamp(1 - abar(k / T) / abar((k - 1) / T), max=0.999)
+            self._alphas_cumprod = torch.cumprod(1 - betas, 0)
+        else:
+            self._alphas_cumprod = torch.exp(2 * self._log_alpha_linear(k / T))
+        #: (T,) float64, ᾱ_k for k = 1..T
+        self.alphas_cumprod = self._alphas_cumprod
+        #: (T,) float64, per-step betas of the discrete chain
+        self.betas = 1 - self.alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+
+    # ----------------------------------------------------------------------------------------------- continuous time
+    def _log_alpha_linear(self, t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """log α_t (α_t = sqrt(ᾱ)), shape of ``t``."""
+        t = torch.as_tensor(t)
+        if self.config.name == "cosine":
+            s = self.config.cosine_s
+            tc = torch.clamp(t, max=self.COSINE_T_MAX)
+            phi = (tc + s) / (1 + s) * math.pi / 2
+            return torch.log(torch.cos(phi)) - math.log(math.cos(s / (1 + s) * math.pi / 2))
+        return self._log_alpha_linear(t)
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """α_t = sqrt(ᾱ_t), the signal scale, shape of ``t``."""
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """σ_t = sqrt(1 - α_t²), the noise scale, shape of ``t``."""
+        return torch.sqrt(-torch.expm1(2 * self.log_alpha(t)))
+
+    def lambda_(self, t: torch.Tensor) -> torch.Tensor:
+        """Half log-SNR λ_t = log(α_t / σ_t) (used by DPM-Solver)."""
+        la = self.log_alpha(t)
+        return la - 0.5 * torch.log(-torch.expm1(2 * la))
+
+    def beta(self, t: torch.Tensor) -> torch.Tensor:
+        """β(t) = -2 d log α_t / dt (continuous-time units, 1/time), shape of ``t``."""
+        t = torch.as_tensor(t)
+        if self.config.name == "cosine":
+            s = self.config.cosine_s
+            tc = torch.clamp(t, max=self.COSINE_T_MAX)
+            phi = (tc + s) / (1 + s) * math.pi / 2
+            return 2 * torch.tan(phi) * math.pi / (2 * (1 + s))
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def ode_coefficients(self, t: torch.Tensor, prediction: PredictionType = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Coefficients :math:`(c_a, c_n)` of the sampling-time PF-ODE :math:`\mathrm da/\mathrm d\tau = c_a a + c_n N_\theta`.
+
+        Args:
+            t: diffusion time(s) in (0, 1], any shape.
+            prediction: what the network outputs: ``"epsilon"``, ``"sample"`` (x0) or ``"score"``.
+
+        Returns:
+            ``(c_a, c_n)``, each the shape of ``t`` (units 1/time). For ε-prediction these are the paper's
+            ``f(t)`` and ``h(t)`` in sampling time; ``h < 0``. See the module docstring for the table.
+
+        Raises:
+            ValueError: unknown prediction type.
+        """
+        if prediction not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction type {prediction!r}; expected one of {PREDICTION_TYPES}")
+        t = torch.as_tensor(t)
+        b, a, s = self.beta(t), self.alpha(t), self.sigma(t)
+        if prediction == "epsilon":
+            return b / 2, -b / (2 * s)
+        if prediction == "score":
+            return b / 2, b / 2
+        return -b * a**2 / (2 * s**2), b * a / (2 * s**2)
+
+    # ------------------------------------------------------------------------------------------------ discrete time
+    def timesteps(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(T,) diffusion times t_k = k / T, k = 1..T."""
+        return torch.arange(1, self.num_steps + 1, dtype=dtype) / self.num_steps
+
+    def discrete_alpha_sigma(self, k: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α_k, σ_k) of the discrete chain for integer steps ``k`` in 1..T (any shape); ``k = 0`` gives (1, 0)."""
+        k = torch.as_tensor(k, dtype=torch.long)
+        if (k < 0).any() or (k > self.num_steps).any():
+            raise ValueError(f"discrete steps must lie in 0..{self.num_steps}")
+        abar = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod]).to(k.device)[k]
+        return abar.sqrt().to(dtype), (1 - abar).sqrt().to(dtype)
+
+    def add_noise(self, a0: torch.Tensor, noise: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Forward process at discrete step ``k``: a_k = α_k a0 + σ_k ε.
+
+        Args:
+            a0: (B, ...) clean actions. noise: same shape. k: (B,) integer steps in 1..T.
+        Returns:
+            (B, ...) noisy actions.
+        """
+        if a0.shape != noise.shape:
+            raise ValueError(f"a0 {tuple(a0.shape)} and noise {tuple(noise.shape)} must have the same shape")
+        al, si = self.discrete_alpha_sigma(k, a0.dtype)
+        shape = (-1,) + (1,) * (a0.dim() - 1)
+        return al.to(a0.device).view(shape) * a0 + si.to(a0.device).view(shape) * noise
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule({self.config})"
