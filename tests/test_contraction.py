@@ -1,0 +1,209 @@
+"""The contraction maths against exact answers: eigvalsh, finite differences, closed-form Gaussian flows."""
+import pytest
+import torch
+from torch.func import functional_call
+
+from cdp.contraction import (ContractionConfig, ContractionRegularizer, jacobian, lambda_max, sign_and_ratio,
+                             symmetric_jacobian_eigvals)
+from cdp.samplers import integrate_ode
+from cdp.schedules import NoiseSchedule
+from gaussian import exact_eps, exact_score, exact_x0
+
+
+def linear_fn(W):
+    return lambda x, t, c: x @ W.T
+
+
+def tiny_net(d=3, cond=2, hidden=8):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(d + 1 + cond, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, d)).double()
+
+
+def net_fn(net):
+    return lambda x, t, c: net(torch.cat([x, t[:, None], c], -1))
+
+
+def test_jacobian_of_linear_denoiser_is_its_weight():
+    W = torch.randn(4, 4, dtype=torch.float64)
+    x, t = torch.randn(3, 4, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    J = jacobian(linear_fn(W), x, t)
+    assert torch.allclose(J, W.expand(3, 4, 4))
+
+
+def test_jacobian_matches_central_finite_differences():
+    net = tiny_net()
+    f = net_fn(net)
+    x, t, c = torch.randn(5, 3, dtype=torch.float64), torch.rand(5, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    J = jacobian(f, x, t, c)
+    h = 1e-6
+    for j in range(3):
+        e = torch.zeros(3, dtype=torch.float64)
+        e[j] = h
+        col = (f(x + e, t, c) - f(x - e, t, c)) / (2 * h)
+        assert torch.allclose(J[:, :, j], col, atol=1e-8)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_estimators_vs_eigvalsh_when_the_most_negative_eigenvalue_dominates(symmetric):
+    d = 6
+    torch.manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    evals = torch.tensor([-5.0, -3.0, -1.0, 0.2, 0.8, 1.5], dtype=torch.float64)  # |λ_min| > λ_max
+    S = Q @ torch.diag(evals) @ Q.T
+    A = torch.randn(d, d, dtype=torch.float64)
+    W = S + (0.5 * (A - A.T) if not symmetric else 0)  # antisymmetric part does not change J^sym
+    x, t = torch.randn(8, d, dtype=torch.float64), torch.rand(8, dtype=torch.float64)
+    true = torch.linalg.eigvalsh(0.5 * (W + W.T))[-1]
+    assert abs(true - 1.5) < 1e-10
+    g = torch.Generator().manual_seed(0)
+    for est, iters in (("exact", 1), ("power", 300), ("lanczos", d)):
+        lam = lambda_max(linear_fn(W), x, t, estimator=est, iters=iters, generator=g)
+        assert torch.allclose(lam, true.expand(8), atol=1e-6), est
+    unshifted = lambda_max(linear_fn(W), x, t, estimator="power_unshifted", iters=60, generator=g)
+    assert torch.allclose(unshifted, torch.full((8,), -5.0, dtype=torch.float64), atol=1e-3)  # |λ|-largest, not λ_max
+    # sign = -1 gives -λ_min
+    lam = lambda_max(linear_fn(W), x, t, sign=-1.0, estimator="lanczos", iters=d, generator=g)
+    assert torch.allclose(lam, torch.full((8,), 5.0, dtype=torch.float64), atol=1e-8)
+
+
+def test_estimators_on_random_matrices_and_a_network():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(5):
+        W = torch.randn(5, 5, dtype=torch.float64, generator=g)
+        x, t = torch.randn(4, 5, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+        true = torch.linalg.eigvalsh(0.5 * (W + W.T))[-1]
+        for est, iters in (("power", 200), ("lanczos", 5)):
+            assert torch.allclose(lambda_max(linear_fn(W), x, t, estimator=est, iters=iters, generator=g), true.expand(4), atol=1e-5)
+    net = tiny_net()
+    f = net_fn(net)
+    x, t, c = torch.randn(16, 3, dtype=torch.float64), torch.rand(16, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    exact = symmetric_jacobian_eigvals(f, x, t, c)[:, -1]
+    for est, iters in (("exact", 1), ("power", 100), ("lanczos", 3)):
+        lam = lambda_max(f, x, t, c, estimator=est, iters=iters, generator=g)
+        assert torch.allclose(lam, exact, atol=1e-6), est
+
+
+@pytest.mark.parametrize("s,contracts", [(0.5, True), (2.0, False)])
+def test_gaussian_condition_predicts_measured_divergence(s, contracts):
+    """Exact ε for N(0, s² I): the derived condition λ_max(Ĵ) < 0 ⟺ s < 1, and nearby ODE flows agree."""
+    sch = NoiseSchedule(name="linear", num_steps=1000)
+    eps = exact_eps(sch, 0.0, s)
+    t = torch.linspace(0.02, 1.0, 50, dtype=torch.float64)
+    x = torch.randn(50, 2, dtype=torch.float64)
+    sg, r = sign_and_ratio(sch, t, "epsilon")
+    lam_hat = r + lambda_max(eps, x, t, estimator="exact", sign=sg)
+    assert bool((lam_hat < 0).all()) == contracts and bool((lam_hat > 0).all()) == (not contracts)
+    # the same sign for every parametrisation, and the same λ_max(J_F) = |c_n| λ̂
+    lamF = {}
+    for pred, net in (("epsilon", eps), ("sample", exact_x0(sch, 0.0, s)), ("score", exact_score(sch, 0.0, s))):
+        sg, r = sign_and_ratio(sch, t, pred)
+        _, cn = sch.ode_coefficients(t, pred)
+        lamF[pred] = cn.abs() * (r + lambda_max(net, x, t, estimator="exact", sign=sg))
+    assert torch.allclose(lamF["epsilon"], lamF["sample"], rtol=1e-8)
+    assert torch.allclose(lamF["epsilon"], lamF["score"], rtol=1e-8)
+    # measured divergence of two nearby trajectories of the exact ODE
+    a = torch.randn(32, 2, dtype=torch.float64)
+    delta = 1e-4 * torch.randn(32, 2, dtype=torch.float64)
+    t_end = 0.02
+    fa = integrate_ode(eps, sch, a, t_start=1.0, t_end=t_end, n_steps=300)
+    fb = integrate_ode(eps, sch, a + delta, t_start=1.0, t_end=t_end, n_steps=300)
+    ratio = (fa - fb).norm(dim=1) / delta.norm(dim=1)
+    assert bool((ratio < 1).all()) == contracts and bool((ratio > 1).all()) == (not contracts)
+    # Corollary 3.1.1: ratio = exp(∫ λ_max(J_F^sym) dτ) exactly for this isotropic flow
+    ts = torch.linspace(t_end, 1.0, 4001, dtype=torch.float64)
+    _, cn = sch.ode_coefficients(ts, "epsilon")
+    sg, r = sign_and_ratio(sch, ts, "epsilon")
+    lam_eps = sch.sigma(ts) / (sch.alpha(ts) ** 2 * s**2 + sch.sigma(ts) ** 2)  # J_ε = this × I
+    integrand = cn.abs() * (r - lam_eps)
+    bound = torch.exp(torch.trapezoid(integrand, ts))
+    assert torch.allclose(ratio, bound.expand(32), rtol=1e-4)
+
+
+def _param_loss(net, cfg, name, seed=0):
+    sch = NoiseSchedule(name="vp", num_steps=5)
+    reg = ContractionRegularizer(cfg, sch)
+    x, c = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.4, 0.6, 1.0], dtype=torch.float64)
+    params = dict(net.named_parameters())
+
+    def f(p):
+        fn = lambda xx, tt, cc: functional_call(net, {**params, name: p}, (torch.cat([xx, tt[:, None], cc], -1),))  # noqa: E731
+        loss, _ = reg(fn, x, t, c, generator=torch.Generator().manual_seed(seed))
+        return loss
+
+    return f, params[name].detach().clone().requires_grad_(True)
+
+
+@pytest.mark.parametrize("cfg", [
+    ContractionConfig(loss="hinge", estimator="exact", margin=10.0),
+    ContractionConfig(loss="hinge", estimator="lanczos", iters=3, margin=10.0),
+    ContractionConfig(loss="hinge", estimator="power", iters=60, margin=10.0),
+    ContractionConfig(loss="frobenius", estimator="exact", margin=0.1),
+    ContractionConfig(loss="frobenius", estimator="hutchinson", n_probes=3, margin=0.1),
+    ContractionConfig(loss="authors"),
+], ids=["hinge-exact", "hinge-lanczos", "hinge-power", "frob-exact", "frob-hutchinson", "authors"])
+def test_gradients_reach_the_parameters(cfg):
+    net = tiny_net()
+    f, p = _param_loss(net, cfg, "2.weight" if cfg.estimator == "power" else "0.weight")
+    assert torch.autograd.gradcheck(f, (p,), eps=1e-6, atol=1e-5)
+    (g,) = torch.autograd.grad(f(p), p)
+    assert g.abs().sum() > 0
+
+
+def test_gradgradcheck_through_the_exact_hinge():
+    net = tiny_net()
+    f, p = _param_loss(net, ContractionConfig(loss="frobenius", estimator="exact"), "2.weight")
+    assert torch.autograd.gradgradcheck(f, (p,), eps=1e-6, atol=1e-5)
+
+
+def test_hutchinson_is_unbiased_for_the_exact_frobenius():
+    net = tiny_net()
+    sch = NoiseSchedule(name="vp", num_steps=5)
+    x, c, t = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64), torch.full((6,), 0.4, dtype=torch.float64)
+    exact, _ = ContractionRegularizer(ContractionConfig(loss="frobenius", estimator="exact", weight=1.0), sch)(net_fn(net), x, t, c)
+    hut, _ = ContractionRegularizer(ContractionConfig(loss="frobenius", estimator="hutchinson", n_probes=2000, weight=1.0), sch)(
+        net_fn(net), x, t, c, generator=torch.Generator().manual_seed(0))
+    assert abs(float(hut.detach()) - float(exact.detach())) < 0.05 * float(exact.detach())
+
+
+def test_hinge_value_margin_and_metrics():
+    sch = NoiseSchedule(name="vp", num_steps=5)
+    W = torch.diag(torch.tensor([0.1, 2.0], dtype=torch.float64))  # J_ε = W, λ_min = 0.1
+    x, t = torch.zeros(3, 2, dtype=torch.float64), torch.tensor([0.2, 0.6, 1.0], dtype=torch.float64)
+    reg = ContractionRegularizer(ContractionConfig(loss="hinge", estimator="exact", margin=0.05, weight=0.1), sch)
+    loss, m = reg(linear_fn(W), x, t)
+    lam = sch.sigma(t) - 0.1  # λ_max(Ĵ) = σ − λ_min(J_ε)
+    assert torch.allclose(loss, 0.1 * torch.clamp(lam, min=-0.05).mean())
+    assert m["frac_contractive"] == float((lam < 0).double().mean())
+    # a strongly contracting field sits at the floor −β: no gradient
+    big = ContractionRegularizer(ContractionConfig(loss="hinge", estimator="exact", margin=0.05), sch)
+    W2 = torch.eye(2, dtype=torch.float64).mul(5.0).requires_grad_(True)
+    loss2, _ = big(lambda a, tt, c: a @ W2.T, x, t)
+    loss2.backward()
+    assert float(loss2) == pytest.approx(-0.1 * 0.05) and W2.grad.abs().sum() == 0
+
+
+def test_t_range_selects_steps_and_sample_points():
+    sch = NoiseSchedule(name="cosine", num_steps=100)
+    reg = ContractionRegularizer(ContractionConfig(t_range=(0.0, 0.1), max_samples=7), sch)
+    assert reg.steps.tolist() == list(range(1, 11))
+    a_t, t, c = reg.sample_points(torch.randn(20, 2), torch.randn(20, 3), torch.Generator().manual_seed(0))
+    assert a_t.shape == (7, 2) and c.shape == (7, 3) and bool((t <= 0.1 + 1e-6).all())
+    reg5 = ContractionRegularizer(ContractionConfig(t_range=(0.0, 0.1)), NoiseSchedule(name="vp", num_steps=5))
+    assert reg5.steps.tolist() == [1]  # none inside (0, 0.1]: the lowest-noise step
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown contraction loss"):
+        ContractionConfig(loss="spectral")
+    with pytest.raises(ValueError, match="does not apply"):
+        ContractionConfig(loss="frobenius", estimator="power")
+    with pytest.raises(ValueError, match="margin"):
+        ContractionConfig(margin=-1)
+    with pytest.raises(ValueError, match="t_range"):
+        ContractionConfig(t_range=(0.5, 0.2))
+    with pytest.raises(ValueError, match="estimator"):
+        lambda_max(lambda x, t, c: x, torch.zeros(1, 2), torch.zeros(1), estimator="arnoldi")
+    reg = ContractionRegularizer(ContractionConfig(), NoiseSchedule())
+    with pytest.raises(ValueError, match="t must have shape"):
+        reg(lambda x, t, c: x, torch.zeros(3, 2), torch.zeros(2))
