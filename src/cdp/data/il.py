@@ -44,7 +44,6 @@ __all__ = [
 #: agent position ``state[:, :2]`` -> 20-D, pixels in the 512x512 workspace.
 PUSHT_LOWDIM_OBS_KEYS: tuple = ("keypoint", ("state", slice(0, 2)))
 
-ObsKey = "str | tuple[str, slice | Sequence[int]]"
 
 
 # --------------------------------------------------------------------------------------------------------------------
