@@ -1,0 +1,1 @@
+"""Simulation environments (optional extras). ``cdp.envs.pusht`` needs ``pip install 'cdp[pusht]'``."""
