@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from cdp.policy import DiffusionPolicy, DiffusionPolicyConfig
+from cdp.runs import RunDir, load_policy, save_policy
+from cdp.train import TrainConfig, train_policy
+
+
+def make(contraction=None, **kw):
+    cfg = DiffusionPolicyConfig(obs_dim=3, action_dim=2, network_kwargs={"hidden": 32, "n_layers": 2},
+                                contraction=contraction, **kw)
+    return DiffusionPolicy(cfg)
+
+
+def data(n=256):
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(n, 3, generator=g)
+    act = torch.tanh(obs[:, :2] + 0.1 * torch.randn(n, 2, generator=g))
+    return obs, act
+
+
+@pytest.mark.parametrize("contraction", [None, {"weight": 0.1, "margin": 0.1}])
+def test_training_lowers_loss_and_changes_every_parameter(contraction):
+    obs, act = data()
+    pol = make(contraction)
+    pol.fit_normalizers(obs, act)
+    before = {k: v.clone() for k, v in pol.net.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    fixed_noise, fixed_k = torch.randn(256, 2, generator=g), torch.randint(1, 6, (256,), generator=g)
+    l0, _ = pol.compute_loss(obs, act, noise=fixed_noise, k=fixed_k)
+    train_policy(pol, obs, act, TrainConfig(steps=150, batch_size=64, lr=3e-3, progress=False))
+    l1, m = pol.compute_loss(obs, act, noise=fixed_noise, k=fixed_k)
+    assert float(l1) < 0.8 * float(l0)
+    for k, v in pol.net.state_dict().items():
+        assert not torch.equal(v, before[k]), k
+    if contraction:
+        assert "contraction/lambda_max_mean" in m
+
+
+def test_save_load_gives_identical_actions(tmp_path):
+    obs, act = data()
+    pol = make({"weight": 0.1})
+    pol.fit_normalizers(obs, act)
+    _, ema = train_policy(pol, obs, act, TrainConfig(steps=20, batch_size=32, progress=False))
+    save_policy(tmp_path / "ck", pol, ema, step=20)
+    loaded = load_policy(tmp_path / "ck")
+    noise = torch.randn(5, 2)
+    a1 = ema.model.sample(obs[:5], noise=noise, generator=torch.Generator().manual_seed(0))
+    a2 = loaded.sample(obs[:5], noise=noise, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a1, a2)
+    assert loaded.config == pol.config
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    obs, act = data()
+    cfgs = dict(batch_size=32, progress=False, ckpt_every=10, log_every=5)
+    ref = make({"weight": 0.1})
+    ref.fit_normalizers(obs, act)
+    init = {k: v.clone() for k, v in ref.state_dict().items()}
+    train_policy(ref, obs, act, TrainConfig(steps=30, **cfgs), run=RunDir(tmp_path / "a", tensorboard=False))
+    part = make({"weight": 0.1})
+    part.load_state_dict(init)
+    run = RunDir(tmp_path / "b", tensorboard=False)
+    train_policy(part, obs, act, TrainConfig(steps=20, **cfgs), run=run)  # "killed" after 20 steps
+    resumed = make({"weight": 0.1})
+    resumed.load_state_dict(init)
+    train_policy(resumed, obs, act, TrainConfig(steps=30, **cfgs), run=run)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    steps = [r["step"] for r in run.read_metrics()]
+    assert steps[-1] == 30
+
+
+def test_select_action_queues_a_chunk():
+    cfg = DiffusionPolicyConfig(obs_dim=3, action_dim=2, horizon=8, n_obs_steps=2, n_action_steps=4,
+                                network="mlp", network_kwargs={"hidden": 16, "n_layers": 1})
+    pol = DiffusionPolicy(cfg)
+    obs, act = data(64)
+    pol.fit_normalizers(obs, act)
+    calls = []
+    orig = pol.sample
+    pol.sample = lambda o, generator=None: calls.append(o.shape) or orig(o, generator=generator)
+    pol.reset()
+    for _ in range(9):
+        a = pol.select_action(obs[:1])
+        assert a.shape == (1, 2)
+    assert calls == [(1, 2, 3)] * 3  # a new chunk every n_action_steps calls
+
+
+def test_invalid_inputs_raise():
+    with pytest.raises(ValueError, match="network"):
+        DiffusionPolicyConfig(obs_dim=3, action_dim=2, network="rnn")
+    with pytest.raises(ValueError, match="n_action_steps"):
+        DiffusionPolicyConfig(obs_dim=3, action_dim=2, horizon=4, n_obs_steps=2, n_action_steps=4)
+    with pytest.raises(ValueError, match="prediction"):
+        DiffusionPolicyConfig(obs_dim=3, action_dim=2, contraction={"prediction": "sample"})
+    pol = make()
+    obs, act = data(8)
+    with pytest.raises(ValueError, match="obs must have shape"):
+        pol.compute_loss(obs[:, :2], act)
+    with pytest.raises(ValueError, match="NaN"):
+        pol.compute_loss(obs, act * float("nan"))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_policy("/nonexistent/ck")
