@@ -81,6 +81,21 @@ def test_controller_plans_around_walls():
     assert a.shape == (2,) and a[0] > 0.99 and abs(a[1]) < 1e-6
 
 
+def test_ref_scores_table_and_compute():
+    from cdp.data.maze import MAZE_REF_SCORES, compute_ref_scores
+
+    lo, hi = MAZE_REF_SCORES[ENV]
+    assert 0 <= lo < hi
+    r = evaluate_policy(random_policy(2, 0), ENV, n_episodes=2, seed=0, max_episode_steps=20)
+    assert r["normalized_score_mean"] == pytest.approx(100 * (r["mean_return"] - lo) / (hi - lo))
+    ds = generate_maze_dataset(ENV, 50, seed=0, ref_episodes=0, progress=False)
+    assert (ds.ref_min_score, ds.ref_max_score) == (lo, hi)
+    dense = generate_maze_dataset(ENV, 50, seed=0, reward_type="dense", ref_episodes=0, progress=False)
+    assert (dense.ref_min_score, dense.ref_max_score) == MAZE_REF_SCORES["PointMaze_UMazeDense-v3"]
+    rmin, rmax = compute_ref_scores(ENV, n_episodes=2, seed=0)
+    assert rmax > rmin
+
+
 def test_bad_env_name():
     with pytest.raises(KeyError, match="unknown PointMaze env"):
         make_maze_env("PointMaze_Nope-v3")

@@ -64,11 +64,19 @@ __all__ = [
     "MAZE_REF_SCORES",
 ]
 
-#: Reference scores measured with :func:`compute_ref_scores` (seed 0, 100
-#: episodes each, gymnasium-robotics 1.4.2 / mujoco 3.x-4.0). Keys are env ids.
-#: Filled in from the measurements reported in the module's commit; recompute
-#: with ``compute_ref_scores`` if the simulator changes.
-MAZE_REF_SCORES: dict[str, tuple[float, float]] = {}
+#: (ref_min, ref_max) measured with ``compute_ref_scores(env, n_episodes=100, seed=0)``
+#: (uniform random policy / noise-free waypoint expert, registered episode length)
+#: on gymnasium 1.4.0, gymnasium-robotics 1.4.2, mujoco 4.0.0. Keys are env ids.
+#: Not comparable with D4RL's maze2d references (different simulator, goal radius
+#: 0.45, random goals). Recompute with :func:`compute_ref_scores` if the stack changes.
+MAZE_REF_SCORES: dict[str, tuple[float, float]] = {
+    "PointMaze_UMaze-v3": (15.03, 245.41),
+    "PointMaze_Medium-v3": (14.81, 499.26),
+    "PointMaze_Large-v3": (6.11, 638.03),
+    "PointMaze_UMazeDense-v3": (66.787432, 255.879151),
+    "PointMaze_MediumDense-v3": (63.910570, 513.022896),
+    "PointMaze_LargeDense-v3": (40.666486, 651.602769),
+}
 
 
 def _import_gym():
@@ -378,7 +386,8 @@ def generate_maze_dataset(
         path: if given, the dataset is written there atomically (D4RL layout,
             ref scores as attributes).
         ref_episodes: episodes per policy for :func:`compute_ref_scores`
-            (0 = skip and leave ref scores unset unless ``ref_scores`` is given).
+            (0 = skip the rollouts and take :data:`MAZE_REF_SCORES` for the env,
+            or leave the ref scores unset if it has no entry).
         ref_scores: precomputed (ref_min, ref_max), skips the computation.
         progress: show a tqdm progress bar.
 
@@ -436,6 +445,8 @@ def generate_maze_dataset(
 
     if ref_scores is None and ref_episodes > 0:
         ref_scores = compute_ref_scores(env_name, ref_episodes, seed, reward_type)
+    elif ref_scores is None:
+        ref_scores = MAZE_REF_SCORES.get(_ref_key(env_name, reward_type))
     rmin, rmax = ref_scores if ref_scores is not None else (None, None)
     rt = reward_type or ("dense" if "Dense" in env_name else "sparse")
     ds = OfflineDataset(

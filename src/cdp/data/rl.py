@@ -394,6 +394,9 @@ def write_d4rl_hdf5(ds: OfflineDataset, path: str | os.PathLike, compression: st
                     continue
                 if isinstance(v, (str, int, float, bool, np.generic)):
                     f.attrs[k] = v
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; use the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
