@@ -10,8 +10,6 @@ samples over the ground-truth 3σ circles), ``toy_lambda.png`` (λ_max(Ĵ) per s
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,7 +40,7 @@ class ToyConfig:
 
     n_data: int = 4096
     mode_std: float = 0.1
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 256
     lr: float = 1e-3
     snapshots: int = 4
