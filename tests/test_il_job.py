@@ -13,6 +13,7 @@ import zarr
 from cdp.cli import build_parser, main
 from cdp.cli_il import config_from_args
 from cdp.envs.pusht import HAVE_GYM_PUSHT
+from cdp.policy import DiffusionPolicy
 from cdp.il import PRESETS, ILConfig, action_offset_for, eval_checkpoint, make_windows, resolve_zarr, run_il
 from cdp.runs import load_checkpoint, load_policy
 
@@ -60,6 +61,9 @@ def test_presets_and_windows(tmp_path):
         assert action_offset_for(pc) == (To - 1 if H > 1 else 0)
         obs, act = make_windows(ds, pc)
         assert obs.shape[1:] == (To, 20) and act.shape[1:] == ((H, 2) if H > 1 else (2,))
+        pol = DiffusionPolicy(pc)  # every preset's network builds and samples the right shape
+        pol.fit_normalizers(obs, act)
+        assert pol.sample(obs[:2], num_inference_steps=2).shape == (2,) + tuple(act.shape[1:])
     with pytest.raises(ValueError, match="preset"):
         ILConfig(policy="nope")
     with pytest.raises(ValueError, match="fraction"):
