@@ -64,6 +64,7 @@ def test_presets_and_windows(tmp_path):
         pol = DiffusionPolicy(pc)  # every preset's network builds and samples the right shape
         pol.fit_normalizers(obs, act)
         assert pol.sample(obs[:2], num_inference_steps=2).shape == (2,) + tuple(act.shape[1:])
+    assert ILConfig(policy="dp_unet").diag_sizes() == (1, 1) and ILConfig(policy="cdp_dbc").diag_sizes() == (2, 4)
     with pytest.raises(ValueError, match="preset"):
         ILConfig(policy="nope")
     with pytest.raises(ValueError, match="fraction"):
