@@ -52,6 +52,8 @@ def _run_toy(args) -> int:
 
 
 REGISTRY = [_add_toy]
+from .cli_il import add_eval, add_train  # noqa: E402  (IL jobs: cdp train / cdp eval)
+REGISTRY += [add_train, add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

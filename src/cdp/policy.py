@@ -131,7 +131,8 @@ def build_denoiser(config: DiffusionPolicyConfig) -> nn.Module:
         from .nets.unet1d import ConditionalUnet1D
         return ConditionalUnet1D(action_dim=config.action_dim, cond_dim=cond_dim, **kw)
     from .nets.dit import DiTDenoiser
-    return DiTDenoiser(action_dim=config.action_dim, horizon=config.horizon, cond_dim=cond_dim, **kw)
+    kw.setdefault("max_horizon", config.horizon)  # DiTDenoiser takes max_horizon (positional embeddings), not horizon
+    return DiTDenoiser(action_dim=config.action_dim, cond_dim=cond_dim, **kw)
 
 
 class EMA:

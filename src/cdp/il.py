@@ -1,0 +1,413 @@
+"""Imitation-learning jobs on PushT: DP-UNet vs CDP-UNet, DBC vs CDP-DBC (and DiT variants).
+
+One job = load demonstrations (:func:`cdp.data.il.load_pusht_lowdim`, Diffusion Policy's 20-D low-dim layout),
+window them (:class:`cdp.data.il.SequenceWindows`), fit the policy's normalisers, train with
+:func:`cdp.train.train_policy` into a :class:`cdp.runs.RunDir`, evaluate the EMA policy closed loop with
+:func:`cdp.envs.pusht.evaluate_pusht`, compute contraction diagnostics on a few dataset observations and write
+``results.json``.
+
+Presets (``ILConfig.policy``)
+-----------------------------
+============  =======  ===  ==  ==  ==========================================================
+preset        network  H    To  Ta  source
+============  =======  ===  ==  ==  ==========================================================
+dp_unet       unet     16   2   8   Diffusion Policy (Chi et al., RSS 2023), low-dim PushT
+cdp_unet      unet     16   2   8   same + contraction regulariser
+dp_dit        dit      16   2   8   DiT denoiser (transformer variant)
+cdp_dit       dit      16   2   8   same + contraction regulariser
+dbc           mlp      1    2   1   Diffusion BC (Pearce et al., ICLR 2023): one action from two observations
+cdp_dbc       mlp      1    2   1   same + contraction regulariser
+============  =======  ===  ==  ==  ==========================================================
+
+Chunked presets (H > 1) are trained on ``SequenceWindows(align="dp")`` (the chunk starts at the oldest observed
+step), so evaluation executes ``chunk[To-1 : To-1+Ta]`` (``action_offset = To-1``); H = 1 presets use
+``align="current"`` (the action at the current step) and ``action_offset = 0``, see :func:`action_offset_for`.
+
+Network sizes are reduced for CPU (DP uses UNet ``down_dims=(256, 512, 1024)``, ~65 M parameters): the default here
+is ``down_dims=(64, 128, 256)``, time embedding 64, kernel 5 (~4 M parameters); DiT d_model 128, 4 layers, 4 heads;
+MLP 3×256. Schedule as DP: cosine ("squaredcos_cap_v2") with T = 100, ε-prediction, DDPM training; evaluation
+uses DDIM with 10 steps by default (``eval_sampler`` / ``eval_inference_steps``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from .data.il import SequenceWindows, default_pusht_zarr_path, load_pusht_lowdim
+from .policy import DiffusionPolicy, DiffusionPolicyConfig
+from .runs import RunDir, _plain, load_policy
+from .samplers import SAMPLERS
+from .train import TrainConfig, checkpoint_path, train_policy
+
+#: preset → (network, horizon H, n_obs_steps To, n_action_steps Ta, contraction on?)
+PRESETS: dict[str, tuple[str, int, int, int, bool]] = {
+    "dp_unet": ("unet", 16, 2, 8, False),
+    "cdp_unet": ("unet", 16, 2, 8, True),
+    "dp_dit": ("dit", 16, 2, 8, False),
+    "cdp_dit": ("dit", 16, 2, 8, True),
+    "dbc": ("mlp", 1, 2, 1, False),
+    "cdp_dbc": ("mlp", 1, 2, 1, True),
+}
+TASKS = ("pusht",)
+
+
+@dataclass
+class ILConfig:
+    """Settings of one imitation-learning run (``cdp train``), validated on construction.
+
+    Attributes:
+        task: ``"pusht"`` (only task so far). zarr: path of the replay buffer (None: ``$CDP_PUSHT_ZARR`` or
+            ``<repo>/../shared/data/pusht/pusht_cchi_v7_replay.zarr``).
+        policy: preset, one of :data:`PRESETS`.
+        fraction: fraction of the episodes kept (None: all), then capped at ``max_episodes`` (DP: 90).
+        seed: seeds episode subsampling, initialisation, batches, evaluation sampling.
+        steps / batch_size / lr / weight_decay / grad_clip / log_every / ckpt_every: optimisation
+            (DP: AdamW lr 1e-4, weight decay 1e-6, batch 256; no LR warm-up/cosine decay here).
+        horizon / n_obs_steps / n_action_steps: override the preset's H / To / Ta (None: preset value).
+        unet_down_dims / unet_time_embed_dim / unet_kernel_size: UNet size (CPU default (64, 128, 256), 64, 5).
+        dit_d_model / dit_layers / dit_heads: DiT size. mlp_hidden / mlp_layers: MLP size (DBC).
+        schedule / num_diffusion_steps / prediction: noise schedule (DP: cosine, T = 100, ε).
+        ema_decay: EMA of the evaluation weights (DP uses up to 0.9999 over much longer runs).
+        eval_sampler / eval_inference_steps: sampler for evaluation and diagnostics' action samples.
+        cdp_weight / cdp_margin / cdp_t_range / cdp_estimator / cdp_loss / cdp_max_samples: contraction settings
+            of the ``cdp_*`` presets (γ = 0.1; ``auto`` = exact Jacobian for d ≤ 8, else power iteration; d = H·Da).
+        eval_episodes / eval_max_steps / eval_seed_start: closed-loop evaluation (0 episodes: skip).
+        diag_obs / diag_samples: dataset observations and trajectories per observation for the contraction
+            diagnostics (0: skip; None: 2 × 4 when d = H·Da ≤ 8, else 1 × 1). They use exact d×d Jacobians at every
+            one of the T DDIM steps, twice (λ and the divergence bound): measured ~100 s per observation·sample for
+            the default UNet (d = 32, T = 100) on one contended CPU thread, ~10 s for 2 × 4 with the DBC MLP (d = 2).
+    """
+
+    task: str = "pusht"
+    zarr: str | None = None
+    policy: str = "cdp_unet"
+    fraction: float | None = None
+    max_episodes: int | None = 90
+    seed: int = 0
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 1e-6
+    grad_clip: float | None = 1.0
+    log_every: int = 50
+    ckpt_every: int = 500
+    horizon: int | None = None
+    n_obs_steps: int | None = None
+    n_action_steps: int | None = None
+    unet_down_dims: tuple[int, ...] = (64, 128, 256)
+    unet_time_embed_dim: int = 64
+    unet_kernel_size: int = 5
+    dit_d_model: int = 128
+    dit_layers: int = 4
+    dit_heads: int = 4
+    mlp_hidden: int = 256
+    mlp_layers: int = 3
+    schedule: str = "cosine"
+    num_diffusion_steps: int = 100
+    prediction: str = "epsilon"
+    ema_decay: float = 0.995
+    eval_sampler: str = "ddim"
+    eval_inference_steps: int = 10
+    cdp_weight: float = 0.1
+    cdp_margin: float = 0.0
+    cdp_t_range: tuple[float, float] = (0.0, 1.0)
+    cdp_estimator: str = "auto"
+    cdp_loss: str = "hinge"
+    cdp_max_samples: int | None = None
+    eval_episodes: int = 50
+    eval_max_steps: int = 300
+    eval_seed_start: int = 100000
+    diag_obs: int | None = None
+    diag_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {TASKS}")
+        if self.policy not in PRESETS:
+            raise ValueError(f"unknown policy preset {self.policy!r}; expected one of {sorted(PRESETS)}")
+        self.unet_down_dims = tuple(int(d) for d in self.unet_down_dims)
+        self.cdp_t_range = tuple(float(t) for t in self.cdp_t_range)
+        if len(self.cdp_t_range) != 2:
+            raise ValueError(f"cdp_t_range must have two entries, got {self.cdp_t_range}")
+        if self.fraction is not None and not (0.0 < self.fraction <= 1.0):
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.max_episodes is not None and self.max_episodes < 1:
+            raise ValueError(f"max_episodes must be >= 1, got {self.max_episodes}")
+        for name in ("eval_episodes", "diag_obs", "diag_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_max_steps < 1 or self.eval_inference_steps < 1:
+            raise ValueError("eval_max_steps and eval_inference_steps must be >= 1")
+        if self.eval_sampler not in SAMPLERS:
+            raise ValueError(f"unknown eval_sampler {self.eval_sampler!r}; expected one of {SAMPLERS}")
+        if self.eval_inference_steps > self.num_diffusion_steps:
+            raise ValueError(f"eval_inference_steps ({self.eval_inference_steps}) cannot exceed "
+                             f"num_diffusion_steps ({self.num_diffusion_steps})")
+        # the sub-configs validate the rest (network, schedule, contraction, optimiser) with their own messages
+        self.train_config()
+        self.policy_config(obs_dim=20, action_dim=2)
+
+    # ------------------------------------------------------------------------------------------------ derived
+    @property
+    def contractive(self) -> bool:
+        return PRESETS[self.policy][4]
+
+    def shape(self) -> tuple[str, int, int, int]:
+        """(network, H, To, Ta) after overrides."""
+        net, H, To, Ta, _ = PRESETS[self.policy]
+        return (net, self.horizon or H, self.n_obs_steps or To, self.n_action_steps or Ta)
+
+    def diag_sizes(self) -> tuple[int, int]:
+        """(observations, samples per observation) of the contraction diagnostics after the ``None`` defaults."""
+        _, H, _, _ = self.shape()
+        small = H * 2 <= 8  # PushT: Da = 2
+        return (self.diag_obs if self.diag_obs is not None else (2 if small else 1),
+                self.diag_samples if self.diag_samples is not None else (4 if small else 1))
+
+    def train_config(self, progress: bool = True) -> TrainConfig:
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                           grad_clip=self.grad_clip, log_every=self.log_every, ckpt_every=self.ckpt_every,
+                           seed=self.seed, progress=progress)
+
+    def policy_config(self, obs_dim: int, action_dim: int) -> DiffusionPolicyConfig:
+        """The :class:`DiffusionPolicyConfig` of this run for observations of dim ``obs_dim`` (PushT: 20)."""
+        net, H, To, Ta = self.shape()
+        if net == "unet":
+            kw: dict[str, Any] = {"down_dims": list(self.unet_down_dims), "time_embed_dim": self.unet_time_embed_dim,
+                                  "kernel_size": self.unet_kernel_size}
+        elif net == "dit":
+            kw = {"d_model": self.dit_d_model, "n_layers": self.dit_layers, "n_heads": self.dit_heads,
+                  "time_embed_dim": self.dit_d_model, "max_horizon": H}
+        else:
+            kw = {"hidden": self.mlp_hidden, "n_layers": self.mlp_layers}
+        contraction = None
+        if self.contractive:
+            contraction = {"loss": self.cdp_loss, "estimator": self.cdp_estimator, "weight": self.cdp_weight,
+                           "margin": self.cdp_margin, "t_range": list(self.cdp_t_range),
+                           "max_samples": self.cdp_max_samples}
+        return DiffusionPolicyConfig(
+            obs_dim=obs_dim, action_dim=action_dim, horizon=H, n_obs_steps=To, n_action_steps=Ta, network=net,
+            network_kwargs=kw, schedule={"name": self.schedule, "num_steps": self.num_diffusion_steps},
+            prediction=self.prediction, sampler=self.eval_sampler, num_inference_steps=self.eval_inference_steps,
+            clip_sample=1.0, obs_normalizer="minmax", action_normalizer="minmax", ema_decay=self.ema_decay,
+            contraction=contraction)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ILConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown IL config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+#: ILConfig fields that may change when a run is resumed (everything else must match the saved config.yaml)
+RESUMABLE_CHANGES = frozenset({"steps", "log_every", "ckpt_every", "eval_episodes", "eval_max_steps",
+                               "eval_seed_start", "eval_sampler", "eval_inference_steps", "diag_obs", "diag_samples"})
+
+
+def action_offset_for(config: DiffusionPolicyConfig) -> int:
+    """Index of the first executed action in a sampled chunk: To-1 for chunks trained with ``align="dp"``
+    (H > 1), 0 for single actions (H = 1, ``align="current"``)."""
+    return config.n_obs_steps - 1 if config.horizon > 1 else 0
+
+
+def make_windows(ds, config: DiffusionPolicyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """All training windows as tensors: obs (M, To, Do) and actions (M, H, Da), or (M, Da) when H = 1.
+
+    Chunked policies use Diffusion Policy's windows (``align="dp"``, ``pad_after = Ta-1``); H = 1 uses
+    ``align="current"`` (the action at the current step of a To-step history).
+    """
+    H, To = config.horizon, config.n_obs_steps
+    if H > 1:
+        w = SequenceWindows(ds, n_obs_steps=To, horizon=H, n_action_steps=config.n_action_steps, align="dp")
+    else:
+        w = SequenceWindows(ds, n_obs_steps=To, horizon=1, align="current")
+    if len(w) == 0:
+        raise ValueError(f"no training windows: every episode is shorter than the window of {w.seq_len} steps")
+    idx = torch.from_numpy(w.indices)
+    obs = w._obs[idx[:, :To]]
+    act = w._act[idx[:, w.action_offset: w.action_offset + H]]
+    if H == 1:
+        act = act[:, 0]
+    return obs.contiguous(), act.contiguous()
+
+
+def resolve_zarr(path: str | os.PathLike | None) -> str:
+    """The replay-buffer path to use; raises one clear FileNotFoundError naming the path and the env var."""
+    p = os.fspath(path) if path is not None else default_pusht_zarr_path()
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"PushT zarr not found: {p} (pass --zarr PATH or set CDP_PUSHT_ZARR)")
+    return p
+
+
+def policy_fn_for(policy: DiffusionPolicy, seed: int, sampler: str | None = None,
+                  num_inference_steps: int | None = None):
+    """An :func:`~cdp.envs.pusht.evaluate_pusht` callback: obs (B, To, Do) numpy → actions (B, H, Da) numpy.
+
+    All running episodes are sampled in one batch with a seeded generator (reproducible for a given seed).
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def fn(obs: np.ndarray) -> np.ndarray:
+        a = policy.sample(torch.as_tensor(obs, dtype=torch.float32), generator=gen, sampler=sampler,
+                          num_inference_steps=num_inference_steps)
+        if a.dim() == 2:  # single action (B, Da) → chunk of one
+            a = a.unsqueeze(1)
+        return a.numpy()
+
+    return fn
+
+
+def evaluate_policy(policy: DiffusionPolicy, episodes: int, max_steps: int = 300, seed_start: int = 100000,
+                    seed: int = 0, sampler: str | None = None, num_inference_steps: int | None = None) -> dict:
+    """Closed-loop PushT evaluation of ``policy`` (use the EMA model); returns evaluate_pusht's dict plus
+    ``seconds``. Raises ImportError without gym-pusht."""
+    from .envs.pusht import evaluate_pusht
+
+    c = policy.config
+    t0 = time.time()
+    res = evaluate_pusht(policy_fn_for(policy, seed, sampler, num_inference_steps), n_episodes=episodes,
+                         seed_start=seed_start, max_steps=max_steps, n_obs_steps=c.n_obs_steps,
+                         n_action_steps=c.n_action_steps, action_offset=action_offset_for(c))
+    res["seconds"] = time.time() - t0
+    return res
+
+
+def contraction_diagnostics(policy: DiffusionPolicy, obs: torch.Tensor, n_samples: int, seed: int = 0) -> dict:
+    """λ_max(Ĵ) along DDIM trajectories and the divergence ratio at each of the observations ``obs`` (n, To, Do).
+
+    Returns means over observations: ``lambda_hat_mean`` (< 0: contracting), ``lambda_hat_mean_low_noise``
+    (t ≤ 0.1), ``frac_contractive``, ``div_ratio_median``, ``div_bound_median``, plus ``seconds``.
+    """
+    from .diagnostics import divergence_ratio, lambda_along_trajectory
+
+    t0 = time.time()
+    lam_all, low, frac, ratio, bound = [], [], [], [], []
+    for i in range(obs.shape[0]):
+        o = obs[i: i + 1]
+        lam = lambda_along_trajectory(policy, o, n_samples=n_samples, generator=torch.Generator().manual_seed(seed + i))
+        lh = lam["lambda_hat"]
+        lam_all.append(float(lh.mean()))
+        lo = lam["t"] <= 0.1 + 1e-9
+        low.append(float(lh[lo].mean()) if lo.any() else float("nan"))
+        frac.append(float((lh < 0).double().mean()))
+        div = divergence_ratio(policy, o, n_pairs=n_samples, generator=torch.Generator().manual_seed(seed + 1000 + i))
+        ratio.append(float(div["ratio"].median()))
+        bound.append(float(div["bound"].median()))
+    return {"lambda_hat_mean": float(np.mean(lam_all)), "lambda_hat_mean_low_noise": float(np.mean(low)),
+            "frac_contractive": float(np.mean(frac)), "div_ratio_median": float(np.median(ratio)),
+            "div_bound_median": float(np.median(bound)), "n_obs": int(obs.shape[0]), "n_samples": n_samples,
+            "seconds": time.time() - t0}
+
+
+def _check_resume(run_path: Path, cfg: ILConfig) -> None:
+    p = run_path / "config.yaml"
+    if not p.exists():
+        return
+    saved = (yaml.safe_load(p.read_text()) or {}).get("il", {})
+    now = yaml.safe_load(yaml.safe_dump(_plain(cfg.to_dict())))
+    diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if diff:
+        raise ValueError(f"cannot resume {run_path}: settings differ from its config.yaml: {diff}")
+
+
+def summary_line(res: dict) -> str:
+    """One printable line: mean max-coverage, success rate (coverage > 0.95), DP score."""
+    return (f"mean max-coverage {res['mean_max_coverage']:.3f}, success rate {res['success_rate']:.3f}, "
+            f"DP score {res['mean_max_reward']:.3f} ({len(res['max_coverage'])} episodes)")
+
+
+def run_il(cfg: ILConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> dict:
+    """Train, evaluate and diagnose one IL run; returns (and writes to ``results.json``) the results dict.
+
+    Args:
+        cfg: :class:`ILConfig`. out_dir: run folder (config.yaml, metrics.jsonl, tb/, checkpoints/last,
+            results.json). resume: continue from ``checkpoints/last`` (the saved config must match except
+            :data:`RESUMABLE_CHANGES`; ``steps`` may grow). progress: tqdm bar.
+    Returns:
+        dict with ``config``, ``policy_config``, ``data`` (episodes, steps, windows), ``n_params``,
+        ``train`` (seconds, sec_per_1k_steps, final losses), ``eval`` (evaluate_pusht's dict, or
+        ``{"skipped": reason}``) and ``diagnostics`` (or ``{"skipped": reason}``).
+    Raises:
+        FileNotFoundError: missing replay buffer. ValueError: bad config / resume mismatch.
+    """
+    out = Path(out_dir)
+    path = resolve_zarr(cfg.zarr)
+    if resume:
+        _check_resume(out, cfg)
+    ds = load_pusht_lowdim(path, max_episodes=cfg.max_episodes, fraction=cfg.fraction, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    pol = DiffusionPolicy(cfg.policy_config(ds.obs_dim, ds.action_dim))
+    obs, act = make_windows(ds, pol.config)
+    pol.fit_normalizers(obs, act)
+    run = RunDir(out, config={"job": "il", "il": cfg.to_dict(), "policy": pol.config.to_dict(), "zarr": path})
+    n_params = sum(p.numel() for p in pol.net.parameters())
+    ckpt_meta = checkpoint_path(out) / "policy.json"
+    done_before = int(json.loads(ckpt_meta.read_text())["step"]) if resume and ckpt_meta.exists() else 0
+    t0 = time.time()
+    _, ema = train_policy(pol, obs, act, cfg.train_config(progress), run=run, resume=resume, desc=cfg.policy)
+    train_s = time.time() - t0
+    last = [r for r in run.read_metrics() if "train/loss" in r]
+    new_steps = max(cfg.steps - done_before, 0)
+    results: dict[str, Any] = {
+        "config": cfg.to_dict(), "policy_config": pol.config.to_dict(), "zarr": path,
+        "data": {"episodes": ds.n_episodes, "steps": ds.n_steps, "windows": int(obs.shape[0]),
+                 "episode_ids": None if ds.meta.get("episode_ids") is None else np.asarray(ds.meta["episode_ids"]).tolist()},
+        "n_params": int(n_params),
+        "train": {"seconds": train_s, "steps_run": new_steps,
+                  "sec_per_1k_steps": 1000 * train_s / new_steps if new_steps else None,
+                  "final_loss": last[-1]["train/loss"] if last else None,
+                  "final_loss_d": last[-1].get("train/loss_d") if last else None},
+        "checkpoint": str(checkpoint_path(out)),
+    }
+    policy = ema.model.eval()
+    if cfg.eval_episodes > 0:
+        try:
+            ev = evaluate_policy(policy, cfg.eval_episodes, cfg.eval_max_steps, cfg.eval_seed_start, cfg.seed)
+            results["eval"] = ev
+            run.log(cfg.steps, {k: ev[k] for k in ("mean_max_coverage", "success_rate", "mean_max_reward")},
+                    prefix="eval/")
+        except ImportError as e:
+            results["eval"] = {"skipped": str(e)}
+    else:
+        results["eval"] = {"skipped": "eval_episodes = 0"}
+    n_obs, n_samples = cfg.diag_sizes()
+    if n_obs > 0 and n_samples > 0:
+        g = torch.Generator().manual_seed(cfg.seed + 7)
+        pick = torch.randperm(obs.shape[0], generator=g)[:n_obs]
+        diag = contraction_diagnostics(policy, obs[pick], n_samples, seed=cfg.seed)
+        results["diagnostics"] = diag
+        run.log(cfg.steps, {k: v for k, v in diag.items() if isinstance(v, float) and math.isfinite(v)},
+                prefix="diag/")
+    else:
+        results["diagnostics"] = {"skipped": "diag_obs or diag_samples = 0"}
+    run.write_json("results.json", results)
+    run.close()
+    return results
+
+
+def eval_checkpoint(checkpoint: str | os.PathLike, episodes: int = 50, max_steps: int = 300,
+                    seed_start: int = 100000, seed: int = 0, sampler: str | None = None,
+                    num_inference_steps: int | None = None) -> dict:
+    """Load a checkpoint folder (EMA weights) and evaluate it on PushT (``cdp eval``).
+
+    Sampler settings default to the ones stored in the checkpoint's policy config. Raises FileNotFoundError for a
+    missing / non-checkpoint folder, ImportError without gym-pusht.
+    """
+    policy = load_policy(checkpoint, use_ema=True)
+    res = evaluate_policy(policy, episodes, max_steps, seed_start, seed, sampler, num_inference_steps)
+    res["checkpoint"] = str(checkpoint)
+    return res

@@ -1,0 +1,177 @@
+"""The PushT imitation-learning job (cdp.il) and its CLI (cdp train / cdp eval) on a tiny synthetic replay buffer."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+
+from cdp.cli import build_parser, main
+from cdp.cli_il import config_from_args
+from cdp.envs.pusht import HAVE_GYM_PUSHT
+from cdp.policy import DiffusionPolicy
+from cdp.il import PRESETS, ILConfig, action_offset_for, eval_checkpoint, make_windows, resolve_zarr, run_il
+from cdp.runs import load_checkpoint, load_policy
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def real_pusht():
+    p = os.environ.get("CDP_PUSHT_ZARR") or str(REPO_ROOT / ".." / "shared" / "data" / "pusht" /
+                                                 "pusht_cchi_v7_replay.zarr")
+    return p if os.path.exists(p) else None
+
+
+def make_pusht_zarr(path, lengths=(24, 30, 20, 26), seed=0):
+    """A replay buffer in the PushT layout: data/action (N, 2), data/state (N, 5), data/keypoint (N, 9, 2), px."""
+    rng = np.random.default_rng(seed)
+    n = sum(lengths)
+    st = np.concatenate([rng.uniform(50, 450, (n, 4)), rng.uniform(0, 6.28, (n, 1))], 1).astype(np.float32)
+    kp = (st[:, None, 2:4] + rng.normal(0, 20, (n, 9, 2))).astype(np.float32)
+    act = (st[:, :2] + rng.normal(0, 5, (n, 2))).astype(np.float32)
+    root = zarr.open_group(str(path), mode="w")
+    root.create_dataset("data/action", data=act)
+    root.create_dataset("data/state", data=st)
+    root.create_dataset("data/keypoint", data=kp)
+    root.create_dataset("meta/episode_ends", data=np.cumsum(lengths).astype(np.int64))
+    return str(path)
+
+
+def tiny(zarr_path, **kw):
+    base = dict(zarr=zarr_path, policy="cdp_unet", steps=20, batch_size=16, lr=1e-3, log_every=5, ckpt_every=0,
+                unet_down_dims=(16, 32), unet_time_embed_dim=16, dit_d_model=16, dit_layers=1, dit_heads=2,
+                mlp_hidden=32, mlp_layers=2, num_diffusion_steps=10, eval_inference_steps=4,
+                eval_episodes=1 if HAVE_GYM_PUSHT else 0, eval_max_steps=16, diag_obs=1, diag_samples=2)
+    base.update(kw)
+    return ILConfig(**base)
+
+
+def test_presets_and_windows(tmp_path):
+    p = make_pusht_zarr(tmp_path / "p.zarr")
+    from cdp.data.il import load_pusht_lowdim
+    ds = load_pusht_lowdim(p)
+    for name, (net, H, To, Ta, contractive) in PRESETS.items():
+        pc = tiny(p, policy=name).policy_config(20, 2)
+        assert (pc.network, pc.horizon, pc.n_obs_steps, pc.n_action_steps) == (net, H, To, Ta)
+        assert (pc.contraction is not None) == contractive
+        assert action_offset_for(pc) == (To - 1 if H > 1 else 0)
+        obs, act = make_windows(ds, pc)
+        assert obs.shape[1:] == (To, 20) and act.shape[1:] == ((H, 2) if H > 1 else (2,))
+        pol = DiffusionPolicy(pc)  # every preset's network builds and samples the right shape
+        pol.fit_normalizers(obs, act)
+        assert pol.sample(obs[:2], num_inference_steps=2).shape == (2,) + tuple(act.shape[1:])
+    assert ILConfig(policy="dp_unet").diag_sizes() == (1, 1) and ILConfig(policy="cdp_dbc").diag_sizes() == (2, 4)
+    with pytest.raises(ValueError, match="preset"):
+        ILConfig(policy="nope")
+    with pytest.raises(ValueError, match="fraction"):
+        ILConfig(fraction=1.5)
+    with pytest.raises(ValueError, match="eval_inference_steps"):
+        ILConfig(num_diffusion_steps=10, eval_inference_steps=16)
+
+
+def test_run_il_writes_run_and_reloads(tmp_path):
+    p = make_pusht_zarr(tmp_path / "p.zarr")
+    out = tmp_path / "run"
+    cfg = tiny(p, policy="dp_unet")
+    res = run_il(cfg, out, progress=False)
+    ckpt = out / "checkpoints" / "last"
+    assert (ckpt / "model.safetensors").exists() and (out / "config.yaml").exists()
+    saved = json.loads((out / "results.json").read_text())
+    for k in ("config", "policy_config", "data", "n_params", "train", "eval", "diagnostics", "checkpoint"):
+        assert k in saved
+    assert saved["data"]["episodes"] == 4 and saved["train"]["steps_run"] == 20
+    assert np.isfinite(saved["diagnostics"]["lambda_hat_mean"])
+    assert any("train/loss" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert yaml.safe_load((out / "config.yaml").read_text())["il"]["policy"] == "dp_unet"
+    # the saved EMA policy gives identical actions on reload
+    a, b = load_policy(ckpt), load_policy(ckpt)
+    obs = torch.rand(3, 2, 20) * 400 + 50
+    xa = a.sample(obs, generator=torch.Generator().manual_seed(1))
+    xb = b.sample(obs, generator=torch.Generator().manual_seed(1))
+    assert xa.shape == (3, 16, 2) and torch.equal(xa, xb)
+    if HAVE_GYM_PUSHT:  # evaluating the checkpoint reproduces the in-run evaluation exactly
+        ev = eval_checkpoint(ckpt, episodes=1, max_steps=16, seed=cfg.seed)
+        assert ev["max_coverage"] == res["eval"]["max_coverage"]
+        assert set(res["eval"]) >= {"mean_max_coverage", "success_rate", "mean_max_reward"}
+
+
+def test_cdp_unet_trains_with_contraction_metrics(tmp_path):
+    # power-iteration regulariser on d = H*Da = 32 is the expensive part: regularise 2 samples for 2 steps
+    p = make_pusht_zarr(tmp_path / "p.zarr")
+    out = tmp_path / "cdp"
+    run_il(tiny(p, steps=2, log_every=1, cdp_max_samples=2, eval_episodes=0, diag_obs=0), out, progress=False)
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/contraction/lambda_max_mean" in r for r in rec)
+    assert load_policy(out / "checkpoints" / "last").config.contraction["weight"] == 0.1
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    p = make_pusht_zarr(tmp_path / "p.zarr")
+    kw = dict(policy="dbc", eval_episodes=0, diag_obs=0)
+    run_il(tiny(p, steps=20, **kw), tmp_path / "full", progress=False)
+    run_il(tiny(p, steps=10, **kw), tmp_path / "split", progress=False)
+    res = run_il(tiny(p, steps=20, **kw), tmp_path / "split", resume=True, progress=False)
+    assert res["train"]["steps_run"] == 10
+    ta, ma, _ = load_checkpoint(tmp_path / "full" / "checkpoints" / "last")
+    tb, mb, _ = load_checkpoint(tmp_path / "split" / "checkpoints" / "last")
+    assert ma["step"] == mb["step"] == 20
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    with pytest.raises(ValueError, match="settings differ"):
+        run_il(tiny(p, steps=30, lr=5e-4, **kw), tmp_path / "split", resume=True, progress=False)
+
+
+def test_cli_parse_config_file_and_overrides(tmp_path):
+    args = build_parser().parse_args(["train", "--task", "pusht", "--policy", "cdp_unet", "--fraction", "0.1",
+                                      "--steps", "2000", "--seed", "0", "--out", "runs/x", "--zarr", "Z"])
+    cfg = config_from_args(args)
+    assert (cfg.policy, cfg.fraction, cfg.steps, cfg.seed, cfg.zarr) == ("cdp_unet", 0.1, 2000, 0, "Z")
+    assert cfg.max_episodes == 90 and args.out == "runs/x" and args.func.__name__ == "_run_train"
+    y = tmp_path / "c.yaml"
+    y.write_text(yaml.safe_dump({"policy": "dbc", "steps": 50, "cdp_t_range": [0.0, 0.1], "max_episodes": None}))
+    args = build_parser().parse_args(["train", "--config", str(y), "--steps", "70", "--out", "o",
+                                      "--unet-down-dims", "32", "64", "--cdp-max-samples", "none"])
+    cfg = config_from_args(args)
+    assert (cfg.policy, cfg.steps, cfg.cdp_t_range, cfg.max_episodes) == ("dbc", 70, (0.0, 0.1), None)
+    assert cfg.unet_down_dims == (32, 64) and cfg.cdp_max_samples is None
+    args = build_parser().parse_args(["eval", "--checkpoint", "runs/x/checkpoints/last", "--episodes", "50"])
+    assert args.episodes == 50 and args.func.__name__ == "_run_eval"
+
+
+def test_missing_files_give_one_clear_line(tmp_path, capsys, monkeypatch):
+    missing = str(tmp_path / "nope.zarr")
+    assert main(["train", "--out", str(tmp_path / "o"), "--zarr", missing, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and missing in err and "CDP_PUSHT_ZARR" in err
+    monkeypatch.setenv("CDP_PUSHT_ZARR", missing)
+    with pytest.raises(FileNotFoundError, match="CDP_PUSHT_ZARR"):
+        resolve_zarr(None)
+    assert main(["eval", "--checkpoint", str(tmp_path / "none")]) == 2
+    assert "not a cdp checkpoint" in capsys.readouterr().err
+
+
+def test_cli_train_end_to_end(tmp_path, capsys):
+    p = make_pusht_zarr(tmp_path / "p.zarr")
+    out = tmp_path / "cli"
+    rc = main(["train", "--policy", "cdp_dbc", "--steps", "10", "--batch-size", "16", "--mlp-hidden", "32",
+               "--num-diffusion-steps", "10", "--eval-inference-steps", "4", "--eval-episodes", "0",
+               "--diag-samples", "2", "--diag-obs", "1", "--zarr", p, "--out", str(out), "--no-progress",
+               "--threads", "1"])
+    assert rc == 0 and (out / "results.json").exists()
+    assert "eval: skipped" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(real_pusht() is None, reason="real PushT zarr not available")
+def test_real_pusht_smoke(tmp_path):
+    cfg = ILConfig(zarr=real_pusht(), policy="cdp_dbc", fraction=0.05, steps=20, batch_size=32, mlp_hidden=64,
+                   mlp_layers=2, num_diffusion_steps=20, eval_inference_steps=4,
+                   eval_episodes=1 if HAVE_GYM_PUSHT else 0, eval_max_steps=10, diag_obs=0)
+    res = run_il(cfg, tmp_path / "real", progress=False)
+    assert res["data"]["episodes"] == 10 and res["data"]["windows"] > 500
+    assert np.isfinite(res["train"]["final_loss"])
+    if HAVE_GYM_PUSHT:
+        assert 0.0 <= res["eval"]["mean_max_coverage"] <= 1.0
