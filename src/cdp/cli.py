@@ -52,6 +52,8 @@ def _run_toy(args) -> int:
 
 
 REGISTRY = [_add_toy]
+from .cli_rl import add_rl  # noqa: E402
+REGISTRY.append(add_rl)
 
 
 def build_parser() -> argparse.ArgumentParser:
