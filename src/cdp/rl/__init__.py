@@ -12,8 +12,9 @@ from .bc import BC, BCConfig
 from .edp import EDP, EDPConfig
 
 ALGOS = ("bc", "edp", "cdp")
-#: CDP's default contraction settings (hinge loss, γ = 0.1, every diffusion step)
-CDP_CONTRACTION: dict[str, Any] = {"loss": "hinge", "weight": 0.1}
+#: CDP's default contraction settings: the paper's hinge loss, γ = 0.1, at every diffusion step; to keep a CPU step
+#: cheap it is evaluated on 64 samples of each batch (an unbiased estimate of the batch mean, more variance).
+CDP_CONTRACTION: dict[str, Any] = {"loss": "hinge", "weight": 0.1, "max_samples": 64}
 
 
 def make_config(algo: str, overrides: dict[str, Any] | None = None):
