@@ -133,3 +133,11 @@ def test_nan_reward_raises_clear_error():
     b = batch_of(ds, 8)
     with pytest.raises(ValueError, match=r"batch\['rewards'\] contains NaN"):
         ag.update(b)
+
+
+def test_cli_registers_rl():
+    from cdp.cli import build_parser
+
+    args = build_parser().parse_args(["rl", "--algo", "edp", "--fraction", "0.1", "--steps", "10", "--seed", "2"])
+    assert args.command == "rl" and args.algo == "edp" and args.fraction == 0.1 and args.steps == 10
+    assert args.func.__name__ == "run_rl"

@@ -27,8 +27,9 @@ Components (facts from the EDP paper and the public Diffusion-QL / EDP code; cod
   where :math:`\gamma L_c` is the contraction regulariser of the policy (:class:`cdp.contraction.ContractionRegularizer`,
   γ = ``contraction["weight"]``, paper 0.1) — **CDP = EDP + γ L_c**; ``contraction=None`` is plain EDP.
 * **Evaluation**: DPM-Solver++(2M) with ``num_inference_steps`` steps from the EMA actor; N candidate actions per
-  state, then the argmax of min(Q'_1, Q'_2) (``selection="argmax"``) or a draw from softmax(Q) (``"softmax"``,
-  Diffusion-QL's ``sample_action``).
+  state, then a draw from softmax(min(Q'_1, Q'_2)) (``selection="softmax"``, the default, Diffusion-QL's
+  ``sample_action``) or the argmax (``"argmax"``). With an untrained critic (flat Q) softmax is a uniform pick among
+  the candidates, whereas argmax picks by critic noise.
 
 Defaults follow Diffusion-QL/EDP on Gym-MuJoCo where they apply (lr 3e-4, γ = 0.99, τ = 0.005, EMA 0.995,
 batch 256, η = 1, grad-norm clipping); T = 100 here (EDP trains with large T — action approximation makes the
@@ -81,7 +82,7 @@ class EDPConfig:
     grad_clip: float | None = 5.0
     ema_decay: float = 0.995
     num_candidates: int = 10
-    selection: str = "argmax"
+    selection: str = "softmax"
     max_q_backup: bool = False
     contraction: dict[str, Any] | None = None
 
