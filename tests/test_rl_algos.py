@@ -141,3 +141,11 @@ def test_cli_registers_rl():
     args = build_parser().parse_args(["rl", "--algo", "edp", "--fraction", "0.1", "--steps", "10", "--seed", "2"])
     assert args.command == "rl" and args.algo == "edp" and args.fraction == 0.1 and args.steps == 10
     assert args.func.__name__ == "run_rl"
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    ds = tiny_dataset()
+    cfg = RLTrainConfig(steps=2, batch_size=16, progress=False)
+    train_offline(make_agent("bc", 3, 2, dict(SMALL["bc"])), ds, cfg, RunDir(tmp_path, tensorboard=False))
+    with pytest.raises(ValueError, match="holds a different run"):
+        train_offline(make_agent("edp", 3, 2, dict(SMALL["edp"])), ds, cfg, RunDir(tmp_path, tensorboard=False))

@@ -11,6 +11,7 @@ non-finite loss raises :class:`DivergenceError` (the last good checkpoint is kep
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -137,6 +138,11 @@ def train_offline(agent, ds, config: RLTrainConfig, run: RunDir | None = None, r
     start, evals = 0, []
     if resume and ckpt is not None and ckpt.exists():
         tensors, meta, state = load_checkpoint(ckpt)
+        mine = {"algo": getattr(agent, "name_full", agent.name), "config": agent.config.to_dict(), "n_transitions": N}
+        theirs = {"algo": meta.get("algo"), "config": meta.get("config"), "n_transitions": meta.get("n_transitions")}
+        if json.loads(json.dumps(mine)) != theirs:
+            raise ValueError(f"{ckpt} holds a different run ({theirs['algo']}, {theirs['n_transitions']} transitions, "
+                             f"other settings); resume with the same settings or use a new run folder")
         _load_modules(agent, tensors)
         if state is not None:
             for name, opt in agent.optimizers().items():
