@@ -1,6 +1,9 @@
 """The ``cdp`` command line. Each job lives in its own module and registers a sub-command here.
 
-    cdp toy   [--out DIR] [--steps N] ...     the 2-D four-mode study (standard vs contractive)
+    cdp toy    [--out DIR] [--steps N] ...    the 2-D four-mode study (standard vs contractive)
+    cdp train  --task pusht --policy ...      imitation learning on PushT (Diffusion Policy / diffusion BC, +CDP)
+    cdp eval   --checkpoint DIR               evaluate an imitation-learning checkpoint in gym-pusht
+    cdp rl     [--algo bc|edp|cdp] ...        offline RL on a generated PointMaze dataset
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def _run_toy(args) -> int:
 
 REGISTRY = [_add_toy]
 from .cli_il import add_eval, add_train  # noqa: E402  (IL jobs: cdp train / cdp eval)
-REGISTRY += [add_train, add_eval]
+from .cli_rl import add_rl  # noqa: E402  (offline RL: cdp rl)
+REGISTRY += [add_train, add_eval, add_rl]
 
 
 def build_parser() -> argparse.ArgumentParser:

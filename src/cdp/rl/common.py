@@ -1,0 +1,72 @@
+"""Pieces shared by the offline-RL algorithms: batch validation, twin Q critics, Polyak averaging.
+
+Every algorithm in :mod:`cdp.rl` follows one small protocol (used by :mod:`cdp.rl.trainer`):
+
+* ``agent.fit_normalizers(observations, actions)`` on the whole dataset (tensors) before training;
+* ``agent.update(batch) -> dict[str, float]`` one gradient step on a batch, a dict of tensors
+  ``observations (B, Do)``, ``actions (B, Da)``, ``rewards (B,)``, ``next_observations (B, Do)``, ``terminals (B,)``;
+* ``agent.act(obs (B, Do)) -> (B, Da)`` the evaluation action (no gradients);
+* ``agent.modules()`` / ``agent.optimizers()`` name → ``nn.Module`` / optimiser, and
+  ``agent.extra_state()`` / ``agent.load_extra_state(state)`` (RNG, EMA counters) for checkpoints;
+* ``agent.generator``: the ``torch.Generator`` behind all of the update's randomness (so resuming is exact).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BATCH_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
+
+
+def check_batch(batch: dict[str, torch.Tensor], obs_dim: int, action_dim: int) -> None:
+    """Raise ``ValueError`` with a clear message on a missing key, a wrong shape, or NaN/inf values."""
+    for key in BATCH_KEYS:
+        if key not in batch:
+            raise ValueError(f"batch is missing {key!r}; expected keys {BATCH_KEYS}")
+    B = batch["observations"].shape[0]
+    want = {"observations": (B, obs_dim), "next_observations": (B, obs_dim), "actions": (B, action_dim),
+            "rewards": (B,), "terminals": (B,)}
+    for key, shape in want.items():
+        v = batch[key]
+        if tuple(v.shape) != shape:
+            raise ValueError(f"batch[{key!r}] must have shape {shape}, got {tuple(v.shape)}")
+        if not torch.isfinite(v.float()).all():
+            raise ValueError(f"batch[{key!r}] contains NaN or inf (bad dataset row?); refusing to train on it")
+
+
+def mlp(in_dim: int, out_dim: int, hidden: int = 256, n_layers: int = 3, act: type[nn.Module] = nn.Mish) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    d = in_dim
+    for _ in range(n_layers):
+        layers += [nn.Linear(d, hidden), act()]
+        d = hidden
+    layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
+
+
+class TwinQ(nn.Module):
+    """Two independent critics Q_1, Q_2(s, a) (Fujimoto et al. 2018), each an MLP (Diffusion-QL: 3×256 Mish).
+
+    ``forward(obs (B, Do), action (B, Da)) -> (q1 (B,), q2 (B,))``; ``q_min`` gives min(q1, q2).
+    """
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: int = 256, n_layers: int = 3) -> None:
+        super().__init__()
+        self.q1 = mlp(obs_dim + action_dim, 1, hidden, n_layers)
+        self.q2 = mlp(obs_dim + action_dim, 1, hidden, n_layers)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([obs, action], -1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+    def q_min(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        q1, q2 = self(obs, action)
+        return torch.minimum(q1, q2)
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """Polyak averaging θ' ← (1 − τ) θ' + τ θ."""
+    for pt, p in zip(target.parameters(), source.parameters()):
+        pt.mul_(1 - tau).add_(p.detach(), alpha=tau)
