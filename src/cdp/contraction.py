@@ -128,6 +128,29 @@ def jacobian(fn: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor 
     return vmap(jacfwd(single))(xf, t, cond)
 
 
+def jacobian_fast(fn: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample Jacobians, same result as :func:`jacobian` (tested to 1e-10 in float64), computed faster.
+
+    If ``fn`` has an ``input_jacobian(x, t, cond)`` method (e.g. :class:`cdp.nets.mlp.MLPDenoiser`), that closed
+    form is used: plain ops, no functorch, ~3-5x cheaper with its parameter gradient on small batches. Otherwise one
+    forward-mode pass of the *batched* ``fn`` with the d basis tangents vmapped (the primal is computed once for the
+    whole batch, not per sample as in ``vmap(jacfwd)`` of a per-sample closure). Stacking the d tangents along the
+    batch instead (d·B primal rows) was measured slower (docs/speed.md).
+
+    Args / Returns: as :func:`jacobian`; ``fn`` must treat samples independently (no batch norm).
+    """
+    closed = getattr(fn, "input_jacobian", None)
+    if callable(closed):
+        return closed(x, t, cond)
+    B = x.shape[0]
+    d = x[0].numel()
+    xf = x.reshape(B, d)
+    f = lambda z: fn(z.reshape(x.shape), t, cond).reshape(B, d)  # noqa: E731
+    V = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1).expand(d, B, d)
+    jv = vmap(lambda v: jvp(f, (xf,), (v,))[1])(V)  # (d, B, d): jv[j, b] = J_b e_j
+    return jv.permute(1, 2, 0)
+
+
 def jvp_and_vjp(fn: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, v: torch.Tensor):
     """Batched (J v, Jᵀ v) with v of shape (B, d): one forward-mode and one reverse-mode pass. Returns two (B, d)."""
     f = _flat(fn, x, t, cond)
@@ -221,7 +244,7 @@ def lambda_max(fn: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tenso
     B = x.shape[0]
     d = x[0].numel()
     if estimator == "exact":
-        J = jacobian(fn, x, t, cond)
+        J = jacobian_fast(fn, x, t, cond)
         A = sign * 0.5 * (J + J.transpose(1, 2))
         evals, evecs = torch.linalg.eigh(A)
         lam = evals[:, -1]
@@ -388,7 +411,7 @@ class ContractionRegularizer:
         elif c.loss == "frobenius":
             shift = r + c.margin  # Ĵ + βI = (r + β) I + s J^sym
             if est == "exact":
-                J = jacobian(denoiser, noisy_action, t, cond)
+                J = jacobian_fast(denoiser, noisy_action, t, cond)
                 M = s * 0.5 * (J + J.transpose(1, 2)) + shift[:, None, None] * torch.eye(d, dtype=J.dtype, device=J.device)
                 per = (M**2).sum((1, 2)) / d
                 lam_d = (r + torch.linalg.eigvalsh(s * 0.5 * (J + J.transpose(1, 2)))[:, -1]).detach()
@@ -400,7 +423,7 @@ class ContractionRegularizer:
                     per = per + (Mv**2).sum(-1) / (d * c.n_probes)
                 lam_d = None
         else:  # authors: mean((J_x0^sym + m I)^2) over entries
-            J = jacobian(denoiser, noisy_action, t, cond)
+            J = jacobian_fast(denoiser, noisy_action, t, cond)
             Js = 0.5 * (J + J.transpose(1, 2))
             eye = torch.eye(d, dtype=J.dtype, device=J.device)
             al = self.schedule.alpha(t.to(torch.float64)).to(J.dtype)[:, None, None]
