@@ -313,7 +313,7 @@ class ContractionConfig:
         t_range: (lo, hi), the diffusion times t ∈ (lo, hi] (fractions of the schedule, 0 = data, 1 = noise) at which
             the regulariser is applied; the paper: every step (0, 1); the public code: lowest-noise 10% (0, 0.1).
             With a discrete schedule the steps k with k/T in the range are used (k = 1 if none falls inside).
-        max_samples: regularise at most this many samples of each batch (None: all). Default 32: the loss is a
+        max_samples: regularise at most this many samples of each batch (None: all). Default 16: the loss is a
             per-sample mean, so a random subsample keeps it unbiased; measured 3-4x cheaper steps (docs/speed.md).
         prediction: what the network outputs (``"epsilon"``, ``"sample"``, ``"score"``).
         authors_shift: the ``0.1`` of the public code's mean((J_x0^sym + 0.1 I)²).
@@ -327,7 +327,7 @@ class ContractionConfig:
     iters: int = 4
     n_probes: int = 1
     t_range: tuple[float, float] = (0.0, 1.0)
-    max_samples: int | None = 32
+    max_samples: int | None = 16
     prediction: str = "epsilon"
     authors_shift: float = 0.1
     auto_exact_max_dim: int = 8
