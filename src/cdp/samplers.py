@@ -104,8 +104,10 @@ class DiffusionSampler:
         """Network time input of discrete step k (k / T)."""
         return float(k) / self.schedule.num_steps
 
-    def _x0_eps(self, out: torch.Tensor, a: torch.Tensor, k: int, i: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x̂0, ε̂) at step k; pass the step index ``i`` to use the precomputed floats (no tensor creation)."""
+    def _x0_eps(self, out: torch.Tensor, a: torch.Tensor, k: int, i: int | None = None,
+                need_eps: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x̂0, ε̂) at step k; pass the step index ``i`` to use the precomputed floats (no tensor creation).
+        ``need_eps=False`` skips recomputing ε̂ after clipping (returns None for it then)."""
         if i is not None and self._k[i] == k:
             al, si = self._al[i], self._si[i]
         else:
@@ -120,7 +122,7 @@ class DiffusionSampler:
             x0, eps = split_prediction(out, a, al, si, p)
         if self.clip_sample is not None:
             x0 = x0.clamp(-self.clip_sample, self.clip_sample)
-            eps = (a - al * x0) / si
+            eps = (a - al * x0) / si if need_eps else None
         return x0, eps
 
     def step(self, model_output: torch.Tensor, i: int, sample: torch.Tensor,
@@ -139,7 +141,7 @@ class DDPMSampler(DiffusionSampler):
 
     def step(self, model_output, i, sample, noise=None, generator=None):
         k, kp = self._k[i], self._kp[i]
-        x0, _ = self._x0_eps(model_output, sample, k, i)
+        x0, _ = self._x0_eps(model_output, sample, k, i, need_eps=False)
         if kp == 0:
             return x0
         al, si, alp, sip = self._al[i], self._si[i], self._alp[i], self._sip[i]
@@ -184,7 +186,7 @@ class DPMSolverPP2MSampler(DiffusionSampler):
         if i == 0:
             self._history = []
         k, kp = self._k[i], self._kp[i]
-        x0, _ = self._x0_eps(model_output, sample, k, i)
+        x0, _ = self._x0_eps(model_output, sample, k, i, need_eps=False)
         if self._history and kp != 0:
             h = self._lamp[i] - self._lam[i]
             r = (self._lam[i] - self._lam[i - 1]) / h

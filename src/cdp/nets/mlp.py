@@ -158,13 +158,13 @@ class MLPDenoiser(nn.Module):
         if cond is not None:
             parts.append(cond)
         h = torch.cat(parts, dim=-1)
-        jac = None  # (B, width, d) Jacobian of h w.r.t. flat
+        jac_t = None  # (B, d, width): the TRANSPOSED Jacobian of h w.r.t. flat, so each layer is one (B·d, width) mm
         mods = list(self.trunk)
         for lin in mods[0::2]:
             z = lin(h)
-            jz = lin.weight[:, : self.flat_dim] if jac is None else torch.matmul(lin.weight, jac)
-            sp = torch.tanh(torch.nn.functional.softplus(z))
+            jz = lin.weight[:, : self.flat_dim].t() if jac_t is None else nn.functional.linear(jac_t, lin.weight)
+            sp = torch.tanh(nn.functional.softplus(z))
             h = z * sp
             dmish = sp + z * (1 - sp * sp) * torch.sigmoid(z)  # Mish'(z)
-            jac = dmish.unsqueeze(-1) * jz
-        return torch.matmul(self.out.weight, jac)
+            jac_t = dmish.unsqueeze(1) * jz
+        return nn.functional.linear(jac_t, self.out.weight).transpose(1, 2)
