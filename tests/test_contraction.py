@@ -247,3 +247,12 @@ def test_closed_form_matvecs_match_the_functorch_path():
     l1, _ = reg(net, x, t, c, generator=torch.Generator().manual_seed(2))
     l2, _ = reg(net.forward, x, t, c, generator=torch.Generator().manual_seed(2))
     assert torch.allclose(l1, l2, atol=1e-10)
+
+
+def test_auto_estimator_uses_exact_up_to_32_for_closed_form_networks():
+    from cdp.nets.mlp import MLPDenoiser
+    reg = ContractionRegularizer(ContractionConfig(), NoiseSchedule(name="vp", num_steps=5))
+    net = MLPDenoiser(action_dim=14, cond_dim=2, hidden=8)
+    assert reg._estimator(14, net) == "exact" and reg._estimator(32, net) == "exact"
+    assert reg._estimator(33, net) == "power"
+    assert reg._estimator(14, net.forward) == "power" and reg._estimator(8, net.forward) == "exact"
