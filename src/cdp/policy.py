@@ -244,6 +244,15 @@ class DiffusionPolicy(nn.Module):
         return loss, metrics
 
     # ------------------------------------------------------------------------------------------------ sampling
+    def _sampler(self, name: str, num_inference_steps: int | None):
+        """The sampler for (name, steps), built once and cached (its per-step constants are precomputed)."""
+        cache = self.__dict__.setdefault("_sampler_cache", {})
+        key = (name, num_inference_steps)
+        if key not in cache:
+            cache[key] = make_sampler(name, self.schedule, self.config.prediction, self.config.clip_sample,
+                                      num_inference_steps)
+        return cache[key]
+
     @torch.no_grad()
     def sample(self, obs: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
                sampler: str | None = None, num_inference_steps: int | None = None,
@@ -260,13 +269,16 @@ class DiffusionPolicy(nn.Module):
         c = self.config
         cond = self._cond(obs)
         B = cond.shape[0]
-        s = make_sampler(sampler or c.sampler, self.schedule, c.prediction, c.clip_sample,
-                         num_inference_steps if num_inference_steps is not None else c.num_inference_steps)
+        s = self._sampler(sampler or c.sampler,
+                          num_inference_steps if num_inference_steps is not None else c.num_inference_steps)
         if noise is None:
             noise = torch.randn((B,) + self.action_shape, generator=generator, dtype=cond.dtype).to(cond.device)
         elif tuple(noise.shape) != (B,) + self.action_shape:
             raise ValueError(f"noise must have shape {(B,) + self.action_shape}, got {tuple(noise.shape)}")
-        a, traj = run_sampler(self.net, s, noise, cond, generator=generator, return_trajectory=True)
+        if return_trajectory:
+            a, traj = run_sampler(self.net, s, noise, cond, generator=generator, return_trajectory=True)
+        else:
+            a = run_sampler(self.net, s, noise, cond, generator=generator)
         if c.clip_sample is not None:
             a = a.clamp(-c.clip_sample, c.clip_sample)
         act = self.action_normalizer.unnormalize(a)

@@ -89,17 +89,40 @@ class DiffusionSampler:
         self.timesteps = ks  # (n,) descending, first is T
         self.prev_timesteps = torch.cat([ks[1:], torch.zeros(1, dtype=torch.long)])
         self._history: list[torch.Tensor] = []
+        # Per-step constants as Python floats, computed once here so that step() creates no tensors for them.
+        al, si = self.schedule.discrete_alpha_sigma(self.timesteps, torch.float64)
+        alp, sip = self.schedule.discrete_alpha_sigma(self.prev_timesteps, torch.float64)
+        self._k: list[int] = self.timesteps.tolist()
+        self._kp: list[int] = self.prev_timesteps.tolist()
+        self._al, self._si = al.tolist(), si.tolist()
+        self._alp, self._sip = alp.tolist(), sip.tolist()
+        #: λ = log(α/σ) of each timestep and of its successor (inf for k = 0)
+        self._lam = torch.log(al / si).tolist()
+        self._lamp = [math.inf if kp == 0 else math.log(a / s) for kp, a, s in zip(self._kp, self._alp, self._sip)]
 
     def t_of(self, k: int | torch.Tensor) -> float:
         """Network time input of discrete step k (k / T)."""
         return float(k) / self.schedule.num_steps
 
-    def _x0_eps(self, out: torch.Tensor, a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        al, si = self.schedule.discrete_alpha_sigma(torch.tensor(k), torch.float64)
-        x0, eps = split_prediction(out, a, al.item(), si.item(), self.prediction)
+    def _x0_eps(self, out: torch.Tensor, a: torch.Tensor, k: int, i: int | None = None,
+                need_eps: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x̂0, ε̂) at step k; pass the step index ``i`` to use the precomputed floats (no tensor creation).
+        ``need_eps=False`` skips recomputing ε̂ after clipping (returns None for it then)."""
+        if i is not None and self._k[i] == k:
+            al, si = self._al[i], self._si[i]
+        else:
+            a_, s_ = self.schedule.discrete_alpha_sigma(torch.tensor(k), torch.float64)
+            al, si = a_.item(), s_.item()
+        p = self.prediction
+        if p == "epsilon":
+            eps, x0 = out, (a - si * out) / al
+        elif p == "sample":
+            x0, eps = out, (a - al * out) / si
+        else:
+            x0, eps = split_prediction(out, a, al, si, p)
         if self.clip_sample is not None:
             x0 = x0.clamp(-self.clip_sample, self.clip_sample)
-            eps = (a - al.item() * x0) / si.item()
+            eps = (a - al * x0) / si if need_eps else None
         return x0, eps
 
     def step(self, model_output: torch.Tensor, i: int, sample: torch.Tensor,
@@ -117,12 +140,11 @@ class DDPMSampler(DiffusionSampler):
     name = "ddpm"
 
     def step(self, model_output, i, sample, noise=None, generator=None):
-        k, kp = int(self.timesteps[i]), int(self.prev_timesteps[i])
-        x0, _ = self._x0_eps(model_output, sample, k)
+        k, kp = self._k[i], self._kp[i]
+        x0, _ = self._x0_eps(model_output, sample, k, i, need_eps=False)
         if kp == 0:
             return x0
-        al, si = (v.item() for v in self.schedule.discrete_alpha_sigma(torch.tensor(k), torch.float64))
-        alp, sip = (v.item() for v in self.schedule.discrete_alpha_sigma(torch.tensor(kp), torch.float64))
+        al, si, alp, sip = self._al[i], self._si[i], self._alp[i], self._sip[i]
         a_kk = al / alp
         s2_kk = si**2 - a_kk**2 * sip**2
         mean = (a_kk * sip**2 / si**2) * sample + (alp * s2_kk / si**2) * x0
@@ -138,12 +160,11 @@ class DDIMSampler(DiffusionSampler):
     name = "ddim"
 
     def step(self, model_output, i, sample, noise=None, generator=None):
-        k, kp = int(self.timesteps[i]), int(self.prev_timesteps[i])
-        x0, eps = self._x0_eps(model_output, sample, k)
+        k, kp = self._k[i], self._kp[i]
+        x0, eps = self._x0_eps(model_output, sample, k, i)
         if kp == 0:
             return x0
-        alp, sip = (v.item() for v in self.schedule.discrete_alpha_sigma(torch.tensor(kp), torch.float64))
-        return alp * x0 + sip * eps
+        return self._alp[i] * x0 + self._sip[i] * eps
 
 
 class DPMSolverPP2MSampler(DiffusionSampler):
@@ -164,21 +185,19 @@ class DPMSolverPP2MSampler(DiffusionSampler):
     def step(self, model_output, i, sample, noise=None, generator=None):
         if i == 0:
             self._history = []
-        k, kp = int(self.timesteps[i]), int(self.prev_timesteps[i])
-        x0, _ = self._x0_eps(model_output, sample, k)
+        k, kp = self._k[i], self._kp[i]
+        x0, _ = self._x0_eps(model_output, sample, k, i, need_eps=False)
         if self._history and kp != 0:
-            h = self._lam(kp) - self._lam(k)
-            r = (self._lam(k) - self._lam(int(self.timesteps[i - 1]))) / h
+            h = self._lamp[i] - self._lam[i]
+            r = (self._lam[i] - self._lam[i - 1]) / h
             D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * self._history[-1]
         else:
             D = x0
         self._history = [x0]
         if kp == 0:
             return D
-        h = self._lam(kp) - self._lam(k)
-        al, si = (v.item() for v in self.schedule.discrete_alpha_sigma(torch.tensor(k), torch.float64))
-        alp, sip = (v.item() for v in self.schedule.discrete_alpha_sigma(torch.tensor(kp), torch.float64))
-        return (sip / si) * sample - alp * math.expm1(-h) * D
+        h = self._lamp[i] - self._lam[i]
+        return (self._sip[i] / self._si[i]) * sample - self._alp[i] * math.expm1(-h) * D
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, prediction: str = "epsilon",
@@ -217,11 +236,14 @@ def sample(denoiser: Denoiser, sampler: DiffusionSampler, a_init: torch.Tensor, 
     a = a_init
     traj = [a]
     B = a.shape[0]
-    for i, k in enumerate(sampler.timesteps.tolist()):
-        t = torch.full((B,), sampler.t_of(k), dtype=a.dtype, device=a.device)
-        out = denoiser(a, t, cond)
+    # all network time inputs in one tensor, created once (row i is step i's t, broadcast over the batch)
+    ts = (sampler.timesteps.to(torch.float64) / sampler.schedule.num_steps).to(a.dtype).to(a.device)
+    ts = ts[:, None].expand(-1, B)
+    for i in range(len(ts)):
+        out = denoiser(a, ts[i], cond)
         a = sampler.step(out, i, a, noise=None if noises is None else noises[i], generator=generator)
-        traj.append(a)
+        if return_trajectory:
+            traj.append(a)
     return (a, traj) if return_trajectory else a
 
 

@@ -141,3 +141,30 @@ class MLPDenoiser(nn.Module):
             parts.append(cond)
         out = self.out(self.trunk(torch.cat(parts, dim=-1)))
         return out.reshape(x.shape)
+
+    def input_jacobian(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample Jacobians ∂out/∂x in closed form (chain rule through the Linear+Mish trunk), (B, d, d).
+
+        d = H·Da (the flattened action). Equals :func:`cdp.contraction.jacobian` (tested to 1e-10 in float64) but
+        uses ordinary ops only (no functorch forward-mode), so it and its gradient w.r.t. the parameters are several
+        times cheaper for the small batches the contraction regulariser uses. Differentiable w.r.t. the parameters
+        (Mish' is written out, so double backward works).
+        """
+        self._check_inputs(x, cond)
+        b = x.shape[0]
+        flat = x.reshape(b, self.flat_dim)
+        t = t.reshape(-1).expand(b) if t.numel() == 1 else t
+        parts = [flat, self.time_mlp(t.to(x.dtype))]
+        if cond is not None:
+            parts.append(cond)
+        h = torch.cat(parts, dim=-1)
+        jac_t = None  # (B, d, width): the TRANSPOSED Jacobian of h w.r.t. flat, so each layer is one (B·d, width) mm
+        mods = list(self.trunk)
+        for lin in mods[0::2]:
+            z = lin(h)
+            jz = lin.weight[:, : self.flat_dim].t() if jac_t is None else nn.functional.linear(jac_t, lin.weight)
+            sp = torch.tanh(nn.functional.softplus(z))
+            h = z * sp
+            dmish = sp + z * (1 - sp * sp) * torch.sigmoid(z)  # Mish'(z)
+            jac_t = dmish.unsqueeze(1) * jz
+        return nn.functional.linear(jac_t, self.out.weight).transpose(1, 2)
