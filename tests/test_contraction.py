@@ -256,3 +256,21 @@ def test_auto_estimator_uses_exact_up_to_32_for_closed_form_networks():
     assert reg._estimator(14, net) == "exact" and reg._estimator(32, net) == "exact"
     assert reg._estimator(33, net) == "power"
     assert reg._estimator(14, net.forward) == "power" and reg._estimator(8, net.forward) == "exact"
+
+
+def test_lazy_regularisation_is_unbiased_and_skips():
+    sch = NoiseSchedule(name="vp", num_steps=5)
+    W = torch.diag(torch.tensor([0.1, 2.0], dtype=torch.float64))
+    a0 = torch.randn(8, 2, dtype=torch.float64)
+    full = ContractionRegularizer(ContractionConfig(estimator="exact", margin=0.5, max_samples=None, t_range=(0.9, 1.0)), sch)
+    lazy = ContractionRegularizer(ContractionConfig(estimator="exact", margin=0.5, max_samples=None, t_range=(0.9, 1.0),
+                                                    apply_prob=0.25), sch)
+    ref, _ = full.loss_from_clean(linear_fn(W), a0)  # linear field: the loss does not depend on the points
+    g = torch.Generator().manual_seed(0)
+    vals = [float(lazy.loss_from_clean(linear_fn(W), a0, generator=g)[0]) for _ in range(400)]
+    applied = [v != 0 for v in vals]
+    assert 0.15 < sum(applied) / 400 < 0.35
+    assert all(abs(v - float(ref) / 0.25) < 1e-12 for v, a in zip(vals, applied) if a)
+    assert abs(sum(vals) / 400 - float(ref)) < 0.25 * abs(float(ref))
+    with pytest.raises(ValueError, match="apply_prob"):
+        ContractionConfig(apply_prob=0.0)

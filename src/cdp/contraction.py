@@ -319,6 +319,10 @@ class ContractionConfig:
         prediction: what the network outputs (``"epsilon"``, ``"sample"``, ``"score"``).
         authors_shift: the ``0.1`` of the public code's mean((J_x0^sym + 0.1 I)²).
         auto_exact_max_dim: the d threshold of ``estimator="auto"``.
+        apply_prob: "lazy" regularisation (as StyleGAN2's lazy R1): :meth:`ContractionRegularizer.loss_from_clean`
+            computes the term only with this probability per call (drawn from the caller's generator, so runs stay
+            reproducible and resumable) and then divides it by the probability, so its expectation is unchanged
+            while the average cost falls by that factor. 1.0 (default): every step.
     """
 
     loss: Literal["hinge", "frobenius", "authors"] = "hinge"
@@ -332,8 +336,11 @@ class ContractionConfig:
     prediction: str = "epsilon"
     authors_shift: float = 0.1
     auto_exact_max_dim: int = 8
+    apply_prob: float = 1.0
 
     def __post_init__(self) -> None:
+        if not (0.0 < self.apply_prob <= 1.0):
+            raise ValueError(f"apply_prob must be in (0, 1], got {self.apply_prob}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown contraction loss {self.loss!r}; expected one of {LOSSES}")
         allowed = {"hinge": ("auto", "exact", "power", "lanczos", "power_unshifted"),
@@ -496,6 +503,20 @@ class ContractionRegularizer:
 
     def loss_from_clean(self, denoiser: Denoiser, clean_action: torch.Tensor, cond: torch.Tensor | None = None,
                         generator: torch.Generator | None = None):
-        """:meth:`sample_points` then :meth:`__call__`; returns (weighted loss, metrics)."""
+        """:meth:`sample_points` then :meth:`__call__`; returns (weighted loss, metrics).
+
+        With ``apply_prob`` p < 1 the term is skipped with probability 1 − p (returning a zero loss and
+        ``{"applied": 0.0}``) and otherwise divided by p, so its expectation equals the p = 1 loss.
+        """
+        p = self.config.apply_prob
+        if p < 1.0:
+            u = torch.rand((), generator=generator)
+            if float(u) >= p:
+                zero = clean_action.new_zeros(())
+                return zero, {"applied": 0.0}
         a_t, t, c = self.sample_points(clean_action, cond, generator)
-        return self(denoiser, a_t, t, c, generator=generator)
+        loss, metrics = self(denoiser, a_t, t, c, generator=generator)
+        if p < 1.0:
+            loss = loss / p
+            metrics["applied"] = 1.0
+        return loss, metrics

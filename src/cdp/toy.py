@@ -33,7 +33,8 @@ class ToyConfig:
         n_data: dataset size. mode_std: std of each mixture component. steps / batch_size / lr: training.
         snapshots: number of training checkpoints shown in the figure. n_eval: samples per evaluation.
         hidden / n_layers: MLP size. schedule / num_steps: noise schedule and T. sampler: evaluation sampler.
-        margin / weight / estimator: contraction settings shared by the CDP variants.
+        margin / weight / estimator / apply_prob: contraction settings shared by the CDP variants (apply_prob < 1:
+            lazy regularisation, see :class:`cdp.contraction.ContractionConfig`).
         variants: which variants to train: subset of ``standard``, ``cdp_all`` (every step), ``cdp_low10`` (t ≤ 0.1).
         seed: shared seed (same init, same batches).
     """
@@ -53,6 +54,7 @@ class ToyConfig:
     margin: float = 0.1
     weight: float = 0.1
     estimator: str = "exact"
+    apply_prob: float = 1.0
     variants: list[str] = field(default_factory=lambda: ["standard", "cdp_all", "cdp_low10"])
     seed: int = 0
 
@@ -101,7 +103,7 @@ def _policy_config(cfg: ToyConfig, t_range) -> DiffusionPolicyConfig:
     contraction = None
     if t_range is not None:
         contraction = {"loss": "hinge", "weight": cfg.weight, "margin": cfg.margin, "estimator": cfg.estimator,
-                       "t_range": list(t_range)}
+                       "t_range": list(t_range), "apply_prob": cfg.apply_prob}
     return DiffusionPolicyConfig(
         obs_dim=1, action_dim=2, network="mlp", network_kwargs={"hidden": cfg.hidden, "n_layers": cfg.n_layers},
         schedule={"name": cfg.schedule, "num_steps": cfg.num_steps}, sampler=cfg.sampler, clip_sample=1.0,
