@@ -102,3 +102,14 @@ def test_invalid_inputs_raise():
         pol.compute_loss(obs, act * float("nan"))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_policy("/nonexistent/ck")
+
+
+def test_cached_time_embedding_gives_identical_samples():
+    obs, act = data(16)
+    pol = make()
+    pol.fit_normalizers(obs, act)
+    noise = torch.randn(16, 2)
+    a1 = pol.sample(obs, noise=noise, sampler="dpmsolver++", num_inference_steps=3)
+    from cdp.samplers import make_sampler, sample
+    ref = sample(pol.net, make_sampler("dpmsolver++", pol.schedule, "epsilon", 1.0, 3), noise, pol._cond(obs))
+    assert torch.allclose(a1, pol.action_normalizer.unnormalize(ref.clamp(-1, 1)), atol=1e-6)

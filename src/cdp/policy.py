@@ -275,14 +275,29 @@ class DiffusionPolicy(nn.Module):
             noise = torch.randn((B,) + self.action_shape, generator=generator, dtype=cond.dtype).to(cond.device)
         elif tuple(noise.shape) != (B,) + self.action_shape:
             raise ValueError(f"noise must have shape {(B,) + self.action_shape}, got {tuple(noise.shape)}")
+        den = self._cached_time_denoiser(s, cond.dtype)
         if return_trajectory:
-            a, traj = run_sampler(self.net, s, noise, cond, generator=generator, return_trajectory=True)
+            a, traj = run_sampler(den, s, noise, cond, generator=generator, return_trajectory=True)
         else:
-            a = run_sampler(self.net, s, noise, cond, generator=generator)
+            a = run_sampler(den, s, noise, cond, generator=generator)
         if c.clip_sample is not None:
             a = a.clamp(-c.clip_sample, c.clip_sample)
         act = self.action_normalizer.unnormalize(a)
         return (act, traj) if return_trajectory else act
+
+    def _cached_time_denoiser(self, sampler, dtype: torch.dtype):
+        """The network with its time embedding computed once per sampling step (all samples share t), when the
+        network supports it (``embed_time`` / ``t_emb``); else the network itself."""
+        if not hasattr(self.net, "embed_time"):
+            return self.net
+        ts = [sampler.t_of(k) for k in sampler.timesteps.tolist()]
+        embs = {t: self.net.embed_time(torch.tensor([t], dtype=dtype)) for t in ts}
+        net = self.net
+
+        def den(x, t, cond):
+            emb = embs.get(float(t.reshape(-1)[0]))
+            return net(x, t, cond) if emb is None else net(x, t, cond, t_emb=emb)
+        return den
 
     # ------------------------------------------------------------------------------------------------ runtime
     def reset(self) -> None:

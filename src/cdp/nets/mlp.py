@@ -131,12 +131,24 @@ class MLPDenoiser(nn.Module):
             if cond.dim() != 2 or cond.shape[-1] != c.cond_dim:
                 raise ValueError(f"MLPDenoiser: cond must have shape (B, {c.cond_dim}), got {tuple(cond.shape)}")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time MLP's output for t of shape (B,) → (B, time_dim); pass it back as ``t_emb`` to skip recomputing it
+        (samplers do, since every sample of a step shares t)."""
+        return self.time_mlp(t)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                t_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, Da) or (B, H, Da), t (B,) or one element, cond (B, Dc) or None; optional precomputed
+        ``t_emb`` (B, time_dim) or (1, time_dim) from :meth:`embed_time` (then ``t`` is ignored). Returns x's shape."""
         self._check_inputs(x, cond)
         b = x.shape[0]
         flat = x.reshape(b, self.flat_dim)
-        t = t.reshape(-1).expand(b) if t.numel() == 1 else t
-        parts = [flat, self.time_mlp(t.to(x.dtype))]
+        if t_emb is None:
+            t = t.reshape(-1).expand(b) if t.numel() == 1 else t
+            t_emb = self.time_mlp(t.to(x.dtype))
+        elif t_emb.shape[0] != b:
+            t_emb = t_emb.expand(b, -1)
+        parts = [flat, t_emb]
         if cond is not None:
             parts.append(cond)
         out = self.out(self.trunk(torch.cat(parts, dim=-1)))
