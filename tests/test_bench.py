@@ -88,6 +88,21 @@ def test_grid_expansion(tmp_path):
     assert len(toy) == 4 and toy[0].args[:3] == ["toy", "--variants", "standard"] and "--fraction" not in toy[0].args
 
 
+def test_algo_overrides_and_shared_dataset(tmp_path):
+    s = _spec(tmp_path, algo_overrides={"cdp": {"gamma": 0.2, "diffusion_steps": 20}})
+    cells = {c.algo: c for c in expand(s) if c.fraction == 1.0 and c.seed == 0}
+    assert "--gamma" not in cells["bc"].args
+    a = cells["cdp"].args
+    assert a[a.index("--gamma") + 1] == "0.2" and a[a.index("--diffusion-steps") + 1] == "20"
+    data = a[a.index("--dataset") + 1]  # one generated dataset shared by all cells
+    assert data == str((tmp_path / "rl" / "_data" / "dataset_PointMaze_UMaze-v3_n50000_noise0_seed0.hdf5").absolute())
+    assert "--dataset" not in expand(_spec(tmp_path, shared_dataset=False))[0].args
+    with pytest.raises(ValueError, match="not in 'algos'"):
+        _spec(tmp_path, algo_overrides={"edp": {"gamma": 0.2}})
+    with pytest.raises(ValueError, match="algo_overrides.cdp may not set"):
+        _spec(tmp_path, algo_overrides={"cdp": {"seed": 1}})
+
+
 def test_il_resume_flag(tmp_path):
     s = parse_spec({"job": "il", "algos": ["dbc"], "datasets": ["pusht"], "fractions": [0.1], "seeds": [0],
                     "out": str(tmp_path)})

@@ -11,8 +11,10 @@ A spec (``configs/experiments/*.yaml``)::
     fractions: [1.0, 0.1]           # --fraction (toy: 1.0 only)
     seeds: [0, 1, 2]                # --seed
     overrides: {steps: 2000, eval_episodes: 10, threads: 1}   # any other flag of the sub-command
+    algo_overrides: {cdp: {gamma: 0.1}}   # optional: flags for one algo only (win over 'overrides')
     baselines: {cdp: edp}           # optional: algo → its base, for the CDP/base compute ratio
     workers: 2                      # optional default of --workers
+    shared_dataset: true            # rl only (default): generate the PointMaze dataset once for all cells
 
 Each cell runs ``python -m cdp.cli <job> ... --out <out>/<job>/<algo>/<dataset>/frac<f>/seed<s>`` (stdout+stderr in
 ``bench.log`` there). A cell whose results file exists is skipped; any other cell is (re)started with the same
@@ -50,7 +52,7 @@ GRID_FLAGS = {"out", "seed", "fraction", "algo", "policy", "variants", "env", "t
 DEFAULT_BASELINES = {"cdp": "edp", "cdp_dbc": "dbc", "cdp_unet": "dp_unet", "cdp_dit": "dp_dit", "cdp_all": "standard",
                      "cdp_low10": "standard"}
 SPEC_KEYS = {"name", "job", "out", "algos", "datasets", "fractions", "seeds", "overrides", "baselines", "workers",
-             "description"}
+             "description", "shared_dataset", "algo_overrides"}
 
 
 # ----------------------------------------------------------------------------------------------------------- spec
@@ -67,6 +69,18 @@ class Spec:
     baselines: dict[str, str] = field(default_factory=dict)
     workers: int | None = None
     description: str = ""
+    shared_dataset: bool = True
+    algo_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def rl_dataset(self, env: str) -> Path | None:
+        """rl with ``shared_dataset`` (default) and no ``dataset`` override: the one generated PointMaze dataset of
+        ``env`` that every cell reads (``--dataset``), generated once before the grid (as ``cdp rl`` would)."""
+        if self.job != "rl" or not self.shared_dataset or self.overrides.get("dataset"):
+            return None
+        o = self.overrides
+        name = (f"dataset_{env}_n{int(o.get('dataset_size', 50_000))}_noise{float(o.get('action_noise', 0.0)):g}"
+                f"_seed{int(o.get('dataset_seed', 0))}.hdf5")
+        return (self.root / "_data" / name).absolute()
 
     @property
     def root(self) -> Path:
@@ -155,15 +169,23 @@ def parse_spec(data: dict, where: str = "spec", check_flags: bool = True) -> Spe
     if not isinstance(overrides, dict):
         raise ValueError(f"{where}: 'overrides' must be a mapping of flag → value")
     overrides = {str(k).replace("-", "_"): v for k, v in overrides.items()}
-    fixed = sorted(set(overrides) & GRID_FLAGS)
-    if fixed:
-        raise ValueError(f"{where}: overrides may not set {fixed}: the grid sets them")
-    if check_flags:
-        p = _sub_parser(job)
-        known = {a.dest for a in p._actions}  # noqa: SLF001
-        bad = sorted(k for k in overrides if k not in known)
-        if bad:
-            raise ValueError(f"{where}: 'cdp {COMMAND[job]}' has no flags {['--' + b.replace('_', '-') for b in bad]}")
+    per_algo = data.get("algo_overrides") or {}
+    if not isinstance(per_algo, dict) or not all(isinstance(v, dict) for v in per_algo.values()):
+        raise ValueError(f"{where}: 'algo_overrides' must map algo → mapping of flag → value")
+    bad = sorted(set(map(str, per_algo)) - set(algos))
+    if bad:
+        raise ValueError(f"{where}: 'algo_overrides' names algos not in 'algos': {bad}")
+    per_algo = {str(a): {str(k).replace("-", "_"): v for k, v in d.items()} for a, d in per_algo.items()}
+    known = {a.dest for a in _sub_parser(job)._actions} if check_flags else None  # noqa: SLF001
+    for what, ov in [("overrides", overrides)] + [(f"algo_overrides.{a}", d) for a, d in per_algo.items()]:
+        fixed = sorted(set(ov) & GRID_FLAGS)
+        if fixed:
+            raise ValueError(f"{where}: {what} may not set {fixed}: the grid sets them")
+        if known is not None:
+            bad = sorted(k for k in ov if k not in known)
+            if bad:
+                raise ValueError(f"{where}: {what}: 'cdp {COMMAND[job]}' has no flags "
+                                 f"{['--' + b.replace('_', '-') for b in bad]}")
     baselines = data.get("baselines") or {}
     if not isinstance(baselines, dict):
         raise ValueError(f"{where}: 'baselines' must be a mapping algo → base algo")
@@ -171,9 +193,13 @@ def parse_spec(data: dict, where: str = "spec", check_flags: bool = True) -> Spe
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ValueError(f"{where}: 'workers' must be a positive integer")
     out = data.get("out") or f"runs/bench/{name}"
+    shared = data.get("shared_dataset", True)
+    if not isinstance(shared, bool):
+        raise ValueError(f"{where}: 'shared_dataset' must be true or false")
     return Spec(name=name, job=job, out=str(out), algos=algos, datasets=datasets, fractions=fractions, seeds=seeds,
                 overrides=overrides, baselines={str(k): str(v) for k, v in baselines.items()}, workers=workers,
-                description=str(data.get("description", "")))
+                description=str(data.get("description", "")), shared_dataset=shared,
+                algo_overrides=per_algo)
 
 
 def load_spec(path: str | os.PathLike, check_flags: bool = True) -> Spec:
@@ -243,10 +269,12 @@ def expand(spec: Spec) -> list[Cell]:
                     args = [COMMAND[spec.job], ALGO_FLAG[spec.job], algo]
                     if DATASET_FLAG[spec.job]:
                         args += [DATASET_FLAG[spec.job], ds]
+                    if spec.rl_dataset(ds) is not None:
+                        args += ["--dataset", str(spec.rl_dataset(ds))]
                     if spec.job != "toy":
                         args += ["--fraction", f"{frac:g}"]
                     args += ["--seed", str(seed), "--out", str(out), "--no-progress"]
-                    for k, v in spec.overrides.items():
+                    for k, v in {**spec.overrides, **spec.algo_overrides.get(algo, {})}.items():
                         if k != "no_progress":
                             args += _flag_values(k, v)
                     cells.append(Cell(spec.job, algo, ds, frac, seed, out, args))
@@ -284,6 +312,23 @@ def _remote_runner():
     return run_cell
 
 
+def prepare_rl_datasets(spec: Spec, envs, log=print) -> None:
+    """Generate each missing shared rl dataset once (same call and file name as ``cdp rl`` uses for its cache)."""
+    for env in sorted(envs):
+        path = spec.rl_dataset(env)
+        if path is None or path.exists():
+            continue
+        from .data.maze import generate_maze_dataset
+
+        o = spec.overrides
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log(f"generating the shared dataset {path}")
+        t0 = time.time()
+        generate_maze_dataset(env, n_steps=int(o.get("dataset_size", 50_000)), seed=int(o.get("dataset_seed", 0)),
+                              action_noise=float(o.get("action_noise", 0.0)), path=path, ref_episodes=0, progress=False)
+        log(f"  done in {time.time() - t0:.0f} s")
+
+
 def run_grid(spec: Spec, workers: int | None = None, address: str | None = None, log=print) -> dict:
     """Run the unfinished cells of ``spec`` as Ray tasks; returns {"ran", "skipped", "failed": [labels]}."""
     cells = expand(spec)
@@ -292,6 +337,7 @@ def run_grid(spec: Spec, workers: int | None = None, address: str | None = None,
     log(f"cdp bench {spec.name}: {len(cells)} cells, {skipped} finished (skipped), {len(todo)} to run")
     if not todo:
         return {"ran": 0, "skipped": skipped, "failed": []}
+    prepare_rl_datasets(spec, {c.dataset for c in todo}, log)
     import ray
 
     started_here = not ray.is_initialized()
@@ -491,7 +537,7 @@ def tables_markdown(spec: Spec, rows: list[dict], summary: list[dict]) -> str:
                              f"| {_f(d, '{:+.3g}')} | {_f(ret, '{:.2f}')} |")
         lines.append("")
     lines += ["## Compute cost", "", "Training seconds per 1 000 gradient steps (all fractions and seeds of an algo; "
-              "the cells share the machine, so absolute numbers depend on its load).", "",
+              "the cells share the machine, so absolute numbers depend on its load)." + COMPUTE_NOTE[spec.job], "",
               "| algo | dataset | train s / 1k steps | base | ratio to base |", "|---|---|---|---|---|"]
     for algo in spec.algos:
         for ds in spec.datasets:
@@ -531,6 +577,11 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
+
+COMPUTE_NOTE = {"rl": " rl: `timing.train_s` / steps; it includes the periodic evaluations (`eval_every`), so use "
+                      "`eval_every: 0` for clean compute numbers.",
+                "il": " il: `train.sec_per_1k_steps` (training loop only).",
+                "toy": " toy: `train_seconds` / steps (training loop only)."}
 
 #: eval metric in metrics.jsonl used for learning curves
 CURVE_KEY = {"rl": "eval/normalized_score_mean", "il": "eval/mean_max_coverage", "toy": None}
