@@ -343,7 +343,10 @@ def run_grid(spec: Spec, workers: int | None = None, address: str | None = None,
     started_here = not ray.is_initialized()
     if started_here:
         if address:
-            ray.init(address=address, log_to_driver=False)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, RuntimeError, OSError) as e:
+                raise ValueError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
         else:
             ray.init(num_cpus=workers or spec.workers or os.cpu_count() or 1, include_dashboard=False,
                      log_to_driver=False)
