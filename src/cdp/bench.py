@@ -625,7 +625,7 @@ def plot(spec: Spec, summary: list[dict], out_dir: Path) -> list[Path]:
         groups = [(ds, f) for ds in spec.datasets for f in spec.fractions]
         groups = [g for g in groups if any((r["dataset"], r["fraction"]) == g for r in summary)]
         width = 0.8 / max(len(spec.algos), 1)
-        fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(groups) * max(1, len(spec.algos) / 2)), 3.5))
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(spec.algos) / 2)), 3.8))
         for i, algo in enumerate(spec.algos):
             xs, ms, lo, hi = [], [], [], []
             for j, g in enumerate(groups):
@@ -641,7 +641,7 @@ def plot(spec: Spec, summary: list[dict], out_dir: Path) -> list[Path]:
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{ds}\nfrac {f:g}" if len(spec.datasets) > 1 else f"frac {f:g}" for ds, f in groups])
         ax.set_ylabel(f"{label} ({'↑' if higher else '↓'})")
-        ax.set_title(f"{spec.name}: mean over seeds, 95% bootstrap CI")
+        ax.set_title(f"{spec.name}: mean over seeds, 95% bootstrap CI", fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
         p = out_dir / "bar.png"
