@@ -65,6 +65,13 @@ def test_cli_reports_bad_spec(tmp_path, capsys):
     assert main(["bench", str(p), "--dry-run"]) == 2
     assert "unknown rl algos" in capsys.readouterr().err
     assert main(["bench", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
+    capsys.readouterr()
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({**RL, "out": str(tmp_path / "o")}))
+    assert main(["bench", str(good), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "[todo] bc/PointMaze_UMaze-v3/frac1/seed0: python -m cdp.cli rl --algo bc" in out
+    assert "12 cells, 0 finished" in out and not (tmp_path / "o").exists()  # a dry run writes nothing
 
 
 def test_grid_expansion(tmp_path):
