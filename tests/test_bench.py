@@ -110,6 +110,18 @@ def test_algo_overrides_and_shared_dataset(tmp_path):
         _spec(tmp_path, algo_overrides={"cdp": {"seed": 1}})
 
 
+def test_unreachable_address(tmp_path, capsys):
+    pytest.importorskip("ray")
+    import socket
+    with socket.socket() as sock:  # a free port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({**RL, "out": str(tmp_path)}))
+    assert main(["bench", str(p), "--address", f"ray://127.0.0.1:{port}"]) == 2
+    assert "cannot reach the Ray cluster" in capsys.readouterr().err
+
+
 def test_il_resume_flag(tmp_path):
     s = parse_spec({"job": "il", "algos": ["dbc"], "datasets": ["pusht"], "fractions": [0.1], "seeds": [0],
                     "out": str(tmp_path)})

@@ -329,6 +329,19 @@ def prepare_rl_datasets(spec: Spec, envs, log=print) -> None:
         log(f"  done in {time.time() - t0:.0f} s")
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a ``host:port`` / ``ray://host:port`` address nobody listens on (Ray itself retries for minutes)."""
+    import socket
+
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address)
+    if not m:  # "auto", "local", ...: leave it to Ray
+        return
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"cannot reach the Ray cluster at {address!r}: {e}") from None
+
+
 def run_grid(spec: Spec, workers: int | None = None, address: str | None = None, log=print) -> dict:
     """Run the unfinished cells of ``spec`` as Ray tasks; returns {"ran", "skipped", "failed": [labels]}."""
     cells = expand(spec)
@@ -337,6 +350,8 @@ def run_grid(spec: Spec, workers: int | None = None, address: str | None = None,
     log(f"cdp bench {spec.name}: {len(cells)} cells, {skipped} finished (skipped), {len(todo)} to run")
     if not todo:
         return {"ran": 0, "skipped": skipped, "failed": []}
+    if address:
+        _check_reachable(address)
     prepare_rl_datasets(spec, {c.dataset for c in todo}, log)
     import ray
 
