@@ -2,6 +2,9 @@
 
     for s in 0 1 2; do cdp toy --out runs/toy_seed$s --seed $s; done
     python benchmarks/toy_seeds.py runs/toy_seed0 runs/toy_seed1 runs/toy_seed2
+
+The same study as one reproducible, parallel command (one cell per variant and seed, mean ± std / IQM / bootstrap CI):
+``cdp bench configs/experiments/toy_seeds.yaml`` (see docs/protocol.md).
 """
 import argparse
 import json

@@ -4,6 +4,7 @@
     cdp train  --task pusht --policy ...      imitation learning on PushT (Diffusion Policy / diffusion BC, +CDP)
     cdp eval   --checkpoint DIR               evaluate an imitation-learning checkpoint in gym-pusht
     cdp rl     [--algo bc|edp|cdp] ...        offline RL on a generated PointMaze dataset
+    cdp bench  SPEC.yaml [--workers N]         an experiment grid on Ray, aggregated over seeds
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ REGISTRY = [_add_toy]
 from .cli_il import add_eval, add_train  # noqa: E402  (IL jobs: cdp train / cdp eval)
 from .cli_rl import add_rl  # noqa: E402  (offline RL: cdp rl)
 REGISTRY += [add_train, add_eval, add_rl]
+from .cli_bench import add_bench  # noqa: E402  (experiment grids on Ray: cdp bench)
+REGISTRY += [add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,63 @@
+"""``cdp bench``: run an experiment grid from a YAML spec as Ray tasks and aggregate it over seeds.
+
+    cdp bench configs/experiments/toy_seeds.yaml                    # Ray local mode, one worker per core
+    cdp bench configs/experiments/rl_maze_cpu.yaml --workers 2
+    cdp bench configs/experiments/rl_maze_cpu.yaml --address auto   # an existing Ray cluster (or ray://host:10001)
+    cdp bench SPEC.yaml --dry-run                                   # list the cells and their commands
+    cdp bench SPEC.yaml --aggregate-only                            # tables + plots from finished cells
+
+Re-running the same command skips finished cells and resumes interrupted ones (see :mod:`cdp.bench`).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="run an experiment grid (YAML spec) on Ray and aggregate it over seeds",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("spec", help="experiment spec, e.g. configs/experiments/toy_seeds.yaml")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to use (ray://host:10001 or 'auto'); default: a local Ray with --workers CPUs")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel cells in local mode (default: the spec's 'workers', else the number of cores)")
+    p.add_argument("--out", default=None, help="override the spec's 'out' folder")
+    p.add_argument("--dry-run", action="store_true", help="print the cells and their commands; run nothing")
+    p.add_argument("--aggregate-only", action="store_true", help="only aggregate the finished cells")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args) -> int:
+    from .bench import aggregate, expand, load_spec, run_grid
+
+    spec = load_spec(args.spec)
+    if args.out:
+        spec.out = args.out
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.dry_run:
+        cells = expand(spec)
+        for c in cells:
+            state = "done" if c.done else "todo"
+            print(f"[{state}] {c.label()}: {shlex.join(c.argv('python'))}")
+        print(f"{len(cells)} cells, {sum(c.done for c in cells)} finished; out {spec.root}")
+        return 0
+    failed = []
+    if not args.aggregate_only:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            print("cdp bench: error: ray is not installed (pip install 'cdp[bench]')", file=sys.stderr)
+            return 2
+        res = run_grid(spec, workers=args.workers, address=args.address)
+        failed = res["failed"]
+    agg = aggregate(spec, plots=not args.no_plots)
+    print(agg["markdown"])
+    print("wrote " + ", ".join(str(f) for f in agg["files"]))
+    if failed:
+        print(f"cdp bench: {len(failed)} cells failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,223 @@
+"""cdp bench: spec validation, grid expansion, skipping finished cells, aggregation numbers, a tiny toy grid on Ray."""
+
+import json
+import math
+import statistics
+
+import numpy as np
+import pytest
+import yaml
+
+from cdp.bench import (aggregate, bootstrap_ci, cell_dir, expand, iqm, load_spec, mean_std, parse_spec, run_grid,
+                       summarize, collect)
+from cdp.cli import main
+
+RL = {"name": "t", "job": "rl", "out": "OUT", "algos": ["bc", "cdp"], "datasets": ["PointMaze_UMaze-v3"],
+      "fractions": [1.0, 0.1], "seeds": [0, 1, 2], "overrides": {"steps": 10, "eval_episodes": 2, "threads": 1}}
+
+
+def _spec(tmp_path, **kw):
+    d = {**RL, "out": str(tmp_path), **kw}
+    return parse_spec(d)
+
+
+def test_parse_and_defaults(tmp_path):
+    s = _spec(tmp_path)
+    assert s.job == "rl" and s.algos == ["bc", "cdp"] and s.fractions == [1.0, 0.1] and s.seeds == [0, 1, 2]
+    assert s.root == tmp_path / "rl"
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({**RL, "out": str(tmp_path)}))
+    assert load_spec(p).overrides == {"steps": 10, "eval_episodes": 2, "threads": 1}
+    toy = parse_spec({"job": "toy", "algos": ["standard"], "seeds": 0})
+    assert toy.datasets == ["fourmode"] and toy.fractions == [1.0] and toy.seeds == [0]
+
+
+@pytest.mark.parametrize("change, msg", [
+    ({"job": "sl"}, "'job' must be one of"),
+    ({"algos": ["bc", "sac"]}, "unknown rl algos"),
+    ({"fractions": [0.0]}, "fractions must be in"),
+    ({"fractions": [1.0, 1.0]}, "duplicates"),
+    ({"seeds": [0, "a"]}, "must be int"),
+    ({"seeds": []}, "is empty"),
+    ({"overrides": {"seed": 3}}, "may not set"),
+    ({"overrides": {"stepz": 3}}, "has no flags"),
+    ({"datasets": ["a/b"]}, "plain name"),
+    ({"bogus": 1}, "unknown keys"),
+    ({"workers": 0}, "'workers' must be"),
+])
+def test_validation_errors(tmp_path, change, msg):
+    with pytest.raises(ValueError, match=msg):
+        _spec(tmp_path, **change)
+
+
+def test_validation_job_specific():
+    with pytest.raises(ValueError, match="no data fraction"):
+        parse_spec({"job": "toy", "algos": ["standard"], "fractions": [0.5], "seeds": [0]})
+    with pytest.raises(ValueError, match="unknown il tasks"):
+        parse_spec({"job": "il", "algos": ["dbc"], "datasets": ["kitchen"], "seeds": [0]})
+    with pytest.raises(ValueError, match="missing 'seeds'"):
+        parse_spec({"job": "il", "algos": ["dbc"], "datasets": ["pusht"]})
+
+
+def test_cli_reports_bad_spec(tmp_path, capsys):
+    p = tmp_path / "bad.yaml"
+    p.write_text("job: rl\nalgos: [nope]\nseeds: [0]\ndatasets: [x]\n")
+    assert main(["bench", str(p), "--dry-run"]) == 2
+    assert "unknown rl algos" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
+    capsys.readouterr()
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({**RL, "out": str(tmp_path / "o")}))
+    assert main(["bench", str(good), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "[todo] bc/PointMaze_UMaze-v3/frac1/seed0: python -m cdp.cli rl --algo bc" in out
+    assert "12 cells, 0 finished" in out and not (tmp_path / "o").exists()  # a dry run writes nothing
+
+
+def test_grid_expansion(tmp_path):
+    s = _spec(tmp_path)
+    cells = expand(s)
+    assert len(cells) == 2 * 1 * 2 * 3
+    c = cells[4]  # bc, frac 0.1, seed 1
+    assert (c.algo, c.fraction, c.seed) == ("bc", 0.1, 1)
+    assert c.out == (tmp_path / "rl" / "bc" / "PointMaze_UMaze-v3" / "frac0.1" / "seed1").absolute()
+    a = c.args
+    assert a[:3] == ["rl", "--algo", "bc"]
+    for flag, v in [("--env", "PointMaze_UMaze-v3"), ("--fraction", "0.1"), ("--seed", "1"), ("--steps", "10"),
+                    ("--eval-episodes", "2"), ("--threads", "1"), ("--out", str(c.out))]:
+        assert a[a.index(flag) + 1] == v
+    # every cell command parses with the real sub-command parser
+    from cdp.cli import build_parser
+    ns = build_parser().parse_args(c.args)
+    assert ns.algo == "bc" and ns.fraction == 0.1 and ns.steps == 10
+    toy = expand(parse_spec({"job": "toy", "algos": ["standard", "cdp_all"], "seeds": [0, 1],
+                             "overrides": {"steps": 20}, "out": str(tmp_path)}))
+    assert len(toy) == 4 and toy[0].args[:3] == ["toy", "--variants", "standard"] and "--fraction" not in toy[0].args
+
+
+def test_algo_overrides_and_shared_dataset(tmp_path):
+    s = _spec(tmp_path, algo_overrides={"cdp": {"gamma": 0.2, "diffusion_steps": 20}})
+    cells = {c.algo: c for c in expand(s) if c.fraction == 1.0 and c.seed == 0}
+    assert "--gamma" not in cells["bc"].args
+    a = cells["cdp"].args
+    assert a[a.index("--gamma") + 1] == "0.2" and a[a.index("--diffusion-steps") + 1] == "20"
+    data = a[a.index("--dataset") + 1]  # one generated dataset shared by all cells
+    assert data == str((tmp_path / "rl" / "_data" / "dataset_PointMaze_UMaze-v3_n50000_noise0_seed0.hdf5").absolute())
+    assert "--dataset" not in expand(_spec(tmp_path, shared_dataset=False))[0].args
+    with pytest.raises(ValueError, match="not in 'algos'"):
+        _spec(tmp_path, algo_overrides={"edp": {"gamma": 0.2}})
+    with pytest.raises(ValueError, match="algo_overrides.cdp may not set"):
+        _spec(tmp_path, algo_overrides={"cdp": {"seed": 1}})
+
+
+def test_unreachable_address(tmp_path, capsys):
+    pytest.importorskip("ray")
+    import socket
+    with socket.socket() as sock:  # a free port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({**RL, "out": str(tmp_path)}))
+    assert main(["bench", str(p), "--address", f"ray://127.0.0.1:{port}"]) == 2
+    assert "cannot reach the Ray cluster" in capsys.readouterr().err
+
+
+def test_il_resume_flag(tmp_path):
+    s = parse_spec({"job": "il", "algos": ["dbc"], "datasets": ["pusht"], "fractions": [0.1], "seeds": [0],
+                    "out": str(tmp_path)})
+    (c,) = expand(s)
+    assert "--resume" not in c.argv()
+    (c.out / "checkpoints" / "last").mkdir(parents=True)
+    (c.out / "checkpoints" / "last" / "policy.json").write_text("{}")
+    assert c.argv()[-1] == "--resume"
+
+
+SCORES = {("bc", 1.0): [10.0, 20.0, 60.0], ("bc", 0.1): [5.0, 7.0, 9.0],
+          ("cdp", 1.0): [50.0, 70.0, 90.0], ("cdp", 0.1): [40.0, 41.0]}  # cdp frac 0.1 seed 2 unfinished
+
+
+def _fake_rl(s):
+    for (algo, frac), xs in SCORES.items():
+        for seed, x in enumerate(xs):
+            d = cell_dir(s.root, algo, "PointMaze_UMaze-v3", frac, seed)
+            d.mkdir(parents=True)
+            diag = {"lambda_hat_mean": -0.1 * (seed + 1), "frac_points_contractive": 0.5} if algo == "cdp" else None
+            sec = 2.0 if algo == "bc" else 6.0  # train seconds for 10 steps → 200 / 600 s per 1k steps
+            (d / "results.json").write_text(json.dumps({
+                "normalized_score_mean": x, "success_rate": x / 100, "steps": 10, "timing": {"train_s": sec},
+                "contraction_diagnostics": diag}))
+            with open(d / "metrics.jsonl", "w") as f:
+                for step in (5, 10):
+                    f.write(json.dumps({"step": step, "time": 0.0, "eval/normalized_score_mean": x * step / 10}) + "\n")
+
+
+def test_skip_finished(tmp_path):
+    s = _spec(tmp_path)
+    _fake_rl(s)
+    cells = expand(s)
+    todo = [c for c in cells if not c.done]
+    assert [c.label() for c in todo] == ["cdp/PointMaze_UMaze-v3/frac0.1/seed2"]
+
+
+def test_aggregation_numbers(tmp_path):
+    s = _spec(tmp_path, baselines={"cdp": "bc"})
+    _fake_rl(s)
+    rows = collect(s)
+    assert len(rows) == 11
+    summ = {(r["algo"], r["fraction"]): r for r in summarize(s, rows)}
+    r = summ[("bc", 1.0)]
+    assert r["n"] == 3
+    assert r["main_mean"] == pytest.approx(30.0)
+    assert r["main_std"] == pytest.approx(statistics.stdev([10, 20, 60]))  # 26.458
+    assert r["main_std"] == pytest.approx(math.sqrt(((10 - 30) ** 2 + (20 - 30) ** 2 + (60 - 30) ** 2) / 2))
+    assert r["main_iqm"] == pytest.approx(30.0)  # rliable/scipy trim int(0.25 * 3) = 0 values per side: the mean
+    assert 10.0 <= r["main_ci_low"] <= 30.0 <= r["main_ci_high"] <= 60.0
+    # the bootstrap CI is the percentile interval of resampled means: reproduce it by hand
+    rng = np.random.default_rng(0)
+    xs = np.array([10.0, 20.0, 60.0])
+    means = xs[rng.integers(0, 3, size=(2000, 3))].mean(1)
+    assert (r["main_ci_low"], r["main_ci_high"]) == pytest.approx((np.quantile(means, 0.025), np.quantile(means, 0.975)))
+    assert summ[("cdp", 0.1)]["n"] == 2 and summ[("cdp", 0.1)]["main_mean"] == pytest.approx(40.5)
+    assert summ[("cdp", 1.0)]["sec_per_1k_mean"] == pytest.approx(600.0)
+    assert summ[("cdp", 1.0)]["lambda_mean_mean"] == pytest.approx(-0.2)
+    assert math.isnan(summ[("bc", 1.0)]["lambda_mean_mean"])
+    agg = aggregate(s)
+    md = agg["markdown"]
+    assert "| bc | PointMaze_UMaze-v3 | 1 | 3 | 30 ± 26.5 | 30 |" in md
+    assert "| cdp | PointMaze_UMaze-v3 | 70 ± 20 | 40.5 ± 0.707 | -29.5 | 0.58 |" in md  # data-scarce table
+    assert "| cdp | PointMaze_UMaze-v3 | 600.0 ± 0.0 | bc | 3.00 |" in md  # compute-cost table
+    assert "## Contraction" in md and "Unfinished cells (1)" in md
+    out = s.root / "summary"
+    for f in ("summary.md", "summary.csv", "cells.csv", "bar.png", "curves.png"):
+        assert (out / f).exists(), f
+    assert len((out / "cells.csv").read_text().splitlines()) == 12
+
+
+def test_stats_helpers():
+    assert mean_std([1.0]) == (1.0, 0.0)
+    assert all(math.isnan(v) for v in mean_std([]))
+    assert mean_std([1.0, float("nan"), 3.0])[0] == 2.0
+    assert iqm([1, 2, 3, 4, 100, 5, 6, 7]) == pytest.approx(np.mean([3, 4, 5, 6]))
+    assert bootstrap_ci([2.0]) == (2.0, 2.0)
+
+
+def test_toy_grid_on_ray(tmp_path, capsys):
+    pytest.importorskip("ray")
+    spec = {"name": "tiny", "job": "toy", "out": str(tmp_path), "algos": ["standard", "cdp_all"], "seeds": [0, 1],
+            "overrides": {"steps": 20, "n_data": 256, "n_eval": 50, "hidden": 16, "num_steps": 5, "snapshots": 2,
+                          "threads": 1}}
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    assert main(["bench", str(p), "--workers", "2", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    s = load_spec(p)
+    assert all(c.done for c in expand(s))
+    res = json.loads((expand(s)[0].out / "toy_results.json").read_text())
+    cfg = res["config"]
+    assert (cfg["steps"], cfg["n_data"], cfg["n_eval"], cfg["hidden"], cfg["num_steps"]) == (20, 256, 50, 16, 5)
+    assert cfg["variants"] == ["standard"] and cfg["seed"] == 0
+    assert "| standard | fourmode | 1 | 2 |" in out and "| cdp_all | fourmode | 1 | 2 |" in out
+    assert "| cdp_all | fourmode | " in out and "standard |" in out  # compute-cost row with its base
+    # everything finished: a second run skips all cells without starting Ray
+    res2 = run_grid(s, workers=2, log=lambda *a: None)
+    assert res2 == {"ran": 0, "skipped": 4, "failed": []}
