@@ -2,7 +2,8 @@
 
     python benchmarks/rl_table.py runs/rl/cmp runs/rl/probe
 
-A run folder is named ``<algo>_f<fraction>_s<seed>``; ``runs/rl/probe/{edp,cdp}_s0`` (same settings, plus periodic
+A run folder is named ``<algo>_f<fraction>_s<seed>`` (``edpeta0`` = EDP with η = 0, i.e. a diffusion-BC ablation);
+``runs/rl/probe/{edp,cdp,edp_eta0}_s0`` (same settings, plus periodic
 evaluations that do not touch the training RNG) count as ``f1_s0``. Training seconds exclude evaluation time
 (for runs with periodic evaluations, the logged time between each step's train and eval records is subtracted).
 """
@@ -33,8 +34,8 @@ def collect(roots: list[str]) -> dict:
     for root in roots:
         for res in sorted(Path(root).glob("*/results.json")):
             name = res.parent.name
-            if name in ("edp_s0", "cdp_s0"):
-                name = name.replace("_s0", "_f1_s0")
+            if name in ("edp_s0", "cdp_s0", "edp_eta0_s0"):
+                name = name.replace("edp_eta0", "edpeta0").replace("_s0", "_f1_s0")
             parts = name.split("_")
             if len(parts) != 3 or not parts[1].startswith("f"):
                 continue
@@ -55,7 +56,7 @@ def main(roots: list[str]) -> None:
     print("| algo | data | seeds | normalized score (mean ± std over seeds) | per seed (0, 1, 2) | success rate | "
           "train s / 1k steps | mean λ̂ | max λ̂ | % points λ̂<0 | % trajectories λ̂<0 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    order = {"bc": 0, "edp": 1, "cdp": 2}
+    order = {"bc": 0, "edpeta0": 1, "edp": 2, "cdp": 3}
     for (algo, frac) in sorted(rows, key=lambda k: (-k[1], order[k[0]])):
         runs = rows[(algo, frac)]
         seeds = sorted(runs)
