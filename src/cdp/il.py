@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import yaml
 
-from .data.il import SequenceWindows, default_pusht_zarr_path, load_pusht_lowdim
+from .data.il import SequenceWindows, default_pusht_zarr_path, load_pusht_lowdim, subsample_episodes
 from .policy import DiffusionPolicy, DiffusionPolicyConfig
 from .runs import RunDir, _plain, load_policy
 from .samplers import SAMPLERS
@@ -69,7 +69,9 @@ class ILConfig:
         task: ``"pusht"`` (only task so far). zarr: path of the replay buffer (None: ``$CDP_PUSHT_ZARR`` or
             ``<repo>/../shared/data/pusht/pusht_cchi_v7_replay.zarr``).
         policy: preset, one of :data:`PRESETS`.
-        fraction: fraction of the episodes kept (None: all), then capped at ``max_episodes`` (DP: 90).
+        fraction: fraction of the training pool kept (None: all). The pool is ``max_episodes`` episodes (DP: 90)
+            drawn with ``seed``; the fraction is taken of that pool (so 0.1 → 9 of 90 demos, a subset of the
+            fraction-1 run's demos for the same seed), see :func:`load_demos`.
         seed: seeds episode subsampling, initialisation, batches, evaluation sampling.
         steps / batch_size / lr / weight_decay / grad_clip / log_every / ckpt_every: optimisation
             (DP: AdamW lr 1e-4, weight decay 1e-6, batch 256; no LR warm-up/cosine decay here).
@@ -253,6 +255,21 @@ def resolve_zarr(path: str | os.PathLike | None) -> str:
     return p
 
 
+def load_demos(cfg: ILConfig, path: str | os.PathLike | None = None):
+    """The training demos of ``cfg``: first the pool of at most ``max_episodes`` episodes (DP: 90, random with
+    ``seed``), then ``fraction`` of that pool (``max(1, round(fraction · pool))``, again with ``seed``).
+
+    Fractions are therefore nested for a fixed seed and never degenerate: before, the fraction was applied to all
+    206 episodes and then capped at 90, so ``fraction=0.1`` gave 21 demos (23 % of the 90-demo run) and every
+    fraction ≥ 0.44 gave the same 90.
+    """
+    ds = load_pusht_lowdim(resolve_zarr(path if path is not None else cfg.zarr), max_episodes=cfg.max_episodes,
+                           seed=cfg.seed)
+    if cfg.fraction is not None and cfg.fraction < 1.0:
+        ds = subsample_episodes(ds, fraction=cfg.fraction, seed=cfg.seed)
+    return ds
+
+
 def policy_fn_for(policy: DiffusionPolicy, seed: int, sampler: str | None = None,
                   num_inference_steps: int | None = None):
     """An :func:`~cdp.envs.pusht.evaluate_pusht` callback: obs (B, To, Do) numpy → actions (B, H, Da) numpy.
@@ -348,7 +365,7 @@ def run_il(cfg: ILConfig, out_dir: str | os.PathLike, resume: bool = False, prog
     path = resolve_zarr(cfg.zarr)
     if resume:
         _check_resume(out, cfg)
-    ds = load_pusht_lowdim(path, max_episodes=cfg.max_episodes, fraction=cfg.fraction, seed=cfg.seed)
+    ds = load_demos(cfg, path)
     torch.manual_seed(cfg.seed)
     pol = DiffusionPolicy(cfg.policy_config(ds.obs_dim, ds.action_dim))
     obs, act = make_windows(ds, pol.config)
