@@ -189,3 +189,14 @@ def test_fraction_is_of_the_capped_pool(tmp_path):
         assert half.n_episodes == 2  # was min(round(0.5 * 8), 4) = 4: the same demos as fraction 1
         assert set(half.meta["episode_ids"]) <= set(pool.meta["episode_ids"])
     assert load_demos(ILConfig(zarr=p, max_episodes=None, fraction=0.25)).n_episodes == 2
+
+
+def test_il_contraction_defaults_follow_contraction_config():
+    """The IL job's contraction settings default to ContractionConfig's (max_samples 16), not to 'whole batch'."""
+    from cdp.contraction import ContractionConfig
+    cc = ILConfig(policy="cdp_dbc").policy_config(20, 2).contraction_config()
+    ref = ContractionConfig()
+    assert cc.max_samples == ref.max_samples == 16
+    assert (cc.loss, cc.estimator, cc.weight, cc.margin, cc.t_range) == (ref.loss, ref.estimator, ref.weight,
+                                                                         ref.margin, ref.t_range)
+    assert ILConfig(policy="cdp_dbc", cdp_max_samples=None).policy_config(20, 2).contraction_config().max_samples is None

@@ -82,7 +82,10 @@ class ILConfig:
         ema_decay: EMA of the evaluation weights (DP uses up to 0.9999 over much longer runs).
         eval_sampler / eval_inference_steps: sampler for evaluation and diagnostics' action samples.
         cdp_weight / cdp_margin / cdp_t_range / cdp_estimator / cdp_loss / cdp_max_samples: contraction settings
-            of the ``cdp_*`` presets (γ = 0.1; ``auto`` = exact Jacobian for d ≤ 8, else power iteration; d = H·Da).
+            of the ``cdp_*`` presets (γ = 0.1; ``auto`` = exact Jacobian for d ≤ 8, or d ≤ 32 for the closed-form
+            MLP, else power iteration; d = H·Da). ``cdp_max_samples`` = 16 as :class:`~cdp.contraction.ContractionConfig`
+            (regularise 16 random samples per batch); ``None`` regularises the whole batch. It used to default to
+            None here, which silently overrode the library's default of 16 with "all" (16× the cost at batch 256).
         eval_episodes / eval_max_steps / eval_seed_start: closed-loop evaluation (0 episodes: skip).
         diag_obs / diag_samples: dataset observations and trajectories per observation for the contraction
             diagnostics (0: skip; None: 2 × 4 when d = H·Da ≤ 8, else 1 × 1). They use exact d×d Jacobians at every
@@ -125,7 +128,7 @@ class ILConfig:
     cdp_t_range: tuple[float, float] = (0.0, 1.0)
     cdp_estimator: str = "auto"
     cdp_loss: str = "hinge"
-    cdp_max_samples: int | None = None
+    cdp_max_samples: int | None = 16
     eval_episodes: int = 50
     eval_max_steps: int = 300
     eval_seed_start: int = 100000
