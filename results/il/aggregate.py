@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-here = os.path.dirname(os.path.abspath(__file__))
+here = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
 rows = []
 for f in sorted(glob.glob(os.path.join(here, "*.json"))):
     r = json.load(open(f))
