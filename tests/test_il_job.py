@@ -200,3 +200,19 @@ def test_il_contraction_defaults_follow_contraction_config():
     assert (cc.loss, cc.estimator, cc.weight, cc.margin, cc.t_range) == (ref.loss, ref.estimator, ref.weight,
                                                                          ref.margin, ref.t_range)
     assert ILConfig(policy="cdp_dbc", cdp_max_samples=None).policy_config(20, 2).contraction_config().max_samples is None
+
+
+def test_cli_none_overrides_non_none_defaults(tmp_path):
+    """'none' on the command line must reach ILConfig even where the default is not None (it used to be dropped:
+    --max-episodes none trained on 90 demos, --cdp-max-samples none on 16 samples)."""
+    args = build_parser().parse_args(["train", "--out", "o", "--max-episodes", "none", "--grad-clip", "none",
+                                      "--cdp-max-samples", "none"])
+    cfg = config_from_args(args)
+    assert cfg.max_episodes is None and cfg.grad_clip is None and cfg.cdp_max_samples is None
+    y = tmp_path / "c.yaml"
+    y.write_text(yaml.safe_dump({"max_episodes": 10, "cdp_max_samples": 4}))
+    cfg = config_from_args(build_parser().parse_args(["train", "--out", "o", "--config", str(y)]))
+    assert (cfg.max_episodes, cfg.cdp_max_samples, cfg.grad_clip) == (10, 4, 1.0)  # YAML kept, defaults elsewhere
+    cfg = config_from_args(build_parser().parse_args(["train", "--out", "o", "--config", str(y),
+                                                      "--max-episodes", "none"]))
+    assert cfg.max_episodes is None and cfg.cdp_max_samples == 4
