@@ -167,11 +167,52 @@ def test_cli_train_end_to_end(tmp_path, capsys):
 
 @pytest.mark.skipif(real_pusht() is None, reason="real PushT zarr not available")
 def test_real_pusht_smoke(tmp_path):
-    cfg = ILConfig(zarr=real_pusht(), policy="cdp_dbc", fraction=0.05, steps=20, batch_size=32, mlp_hidden=64,
+    cfg = ILConfig(zarr=real_pusht(), policy="cdp_dbc", fraction=0.1, steps=20, batch_size=32, mlp_hidden=64,
                    mlp_layers=2, num_diffusion_steps=20, eval_inference_steps=4,
                    eval_episodes=1 if HAVE_GYM_PUSHT else 0, eval_max_steps=10, diag_obs=0)
     res = run_il(cfg, tmp_path / "real", progress=False)
-    assert res["data"]["episodes"] == 10 and res["data"]["windows"] > 500
+    assert res["data"]["episodes"] == 9 and res["data"]["windows"] > 500  # 10 % of the 90-demo pool
     assert np.isfinite(res["train"]["final_loss"])
     if HAVE_GYM_PUSHT:
         assert 0.0 <= res["eval"]["mean_max_coverage"] <= 1.0
+
+
+def test_fraction_is_of_the_capped_pool(tmp_path):
+    """fraction is taken of the max_episodes pool (nested subsets), not of all episodes before the cap."""
+    from cdp.il import load_demos
+    p = make_pusht_zarr(tmp_path / "p.zarr", lengths=(20, 22, 24, 26, 28, 30, 32, 34))
+    for seed in range(3):
+        pool = load_demos(ILConfig(zarr=p, max_episodes=4, seed=seed))
+        half = load_demos(ILConfig(zarr=p, max_episodes=4, fraction=0.5, seed=seed))
+        full = load_demos(ILConfig(zarr=p, max_episodes=4, fraction=1.0, seed=seed))
+        assert pool.n_episodes == full.n_episodes == 4
+        assert half.n_episodes == 2  # was min(round(0.5 * 8), 4) = 4: the same demos as fraction 1
+        assert set(half.meta["episode_ids"]) <= set(pool.meta["episode_ids"])
+    assert load_demos(ILConfig(zarr=p, max_episodes=None, fraction=0.25)).n_episodes == 2
+
+
+def test_il_contraction_defaults_follow_contraction_config():
+    """The IL job's contraction settings default to ContractionConfig's (max_samples 16), not to 'whole batch'."""
+    from cdp.contraction import ContractionConfig
+    cc = ILConfig(policy="cdp_dbc").policy_config(20, 2).contraction_config()
+    ref = ContractionConfig()
+    assert cc.max_samples == ref.max_samples == 16
+    assert (cc.loss, cc.estimator, cc.weight, cc.margin, cc.t_range) == (ref.loss, ref.estimator, ref.weight,
+                                                                         ref.margin, ref.t_range)
+    assert ILConfig(policy="cdp_dbc", cdp_max_samples=None).policy_config(20, 2).contraction_config().max_samples is None
+
+
+def test_cli_none_overrides_non_none_defaults(tmp_path):
+    """'none' on the command line must reach ILConfig even where the default is not None (it used to be dropped:
+    --max-episodes none trained on 90 demos, --cdp-max-samples none on 16 samples)."""
+    args = build_parser().parse_args(["train", "--out", "o", "--max-episodes", "none", "--grad-clip", "none",
+                                      "--cdp-max-samples", "none"])
+    cfg = config_from_args(args)
+    assert cfg.max_episodes is None and cfg.grad_clip is None and cfg.cdp_max_samples is None
+    y = tmp_path / "c.yaml"
+    y.write_text(yaml.safe_dump({"max_episodes": 10, "cdp_max_samples": 4}))
+    cfg = config_from_args(build_parser().parse_args(["train", "--out", "o", "--config", str(y)]))
+    assert (cfg.max_episodes, cfg.cdp_max_samples, cfg.grad_clip) == (10, 4, 1.0)  # YAML kept, defaults elsewhere
+    cfg = config_from_args(build_parser().parse_args(["train", "--out", "o", "--config", str(y),
+                                                      "--max-episodes", "none"]))
+    assert cfg.max_episodes is None and cfg.cdp_max_samples == 4

@@ -54,7 +54,8 @@ def add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints/last")
     for name, default in _field_defaults().items():
         flag = "--" + name.replace("_", "-")
-        kw: dict = {"default": None, "dest": name}
+        # SUPPRESS: an absent flag leaves no attribute, so an explicit "none" (→ None) still overrides the default
+        kw: dict = {"default": argparse.SUPPRESS, "dest": name}
         if name in _SEQ:
             kw.update(nargs="+", type=_SEQ[name], help=f"(default: {' '.join(map(str, default))})")
         elif name in _OPTIONAL:
@@ -82,10 +83,10 @@ def config_from_args(args) -> "ILConfig":  # noqa: F821
         if not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a mapping of ILConfig fields")
         values.update(loaded["il"] if isinstance(loaded.get("il"), dict) else loaded)
+    given = vars(args)
     for name in _field_defaults():
-        v = getattr(args, name, None)
-        if v is not None:
-            values[name] = v
+        if name in given:  # flags that were given, including an explicit "none"
+            values[name] = given[name]
     return ILConfig.from_dict(values)
 
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import yaml
 
-from .data.il import SequenceWindows, default_pusht_zarr_path, load_pusht_lowdim
+from .data.il import SequenceWindows, default_pusht_zarr_path, load_pusht_lowdim, subsample_episodes
 from .policy import DiffusionPolicy, DiffusionPolicyConfig
 from .runs import RunDir, _plain, load_policy
 from .samplers import SAMPLERS
@@ -69,7 +69,9 @@ class ILConfig:
         task: ``"pusht"`` (only task so far). zarr: path of the replay buffer (None: ``$CDP_PUSHT_ZARR`` or
             ``<repo>/../shared/data/pusht/pusht_cchi_v7_replay.zarr``).
         policy: preset, one of :data:`PRESETS`.
-        fraction: fraction of the episodes kept (None: all), then capped at ``max_episodes`` (DP: 90).
+        fraction: fraction of the training pool kept (None: all). The pool is ``max_episodes`` episodes (DP: 90)
+            drawn with ``seed``; the fraction is taken of that pool (so 0.1 → 9 of 90 demos, a subset of the
+            fraction-1 run's demos for the same seed), see :func:`load_demos`.
         seed: seeds episode subsampling, initialisation, batches, evaluation sampling.
         steps / batch_size / lr / weight_decay / grad_clip / log_every / ckpt_every: optimisation
             (DP: AdamW lr 1e-4, weight decay 1e-6, batch 256; no LR warm-up/cosine decay here).
@@ -80,7 +82,10 @@ class ILConfig:
         ema_decay: EMA of the evaluation weights (DP uses up to 0.9999 over much longer runs).
         eval_sampler / eval_inference_steps: sampler for evaluation and diagnostics' action samples.
         cdp_weight / cdp_margin / cdp_t_range / cdp_estimator / cdp_loss / cdp_max_samples: contraction settings
-            of the ``cdp_*`` presets (γ = 0.1; ``auto`` = exact Jacobian for d ≤ 8, else power iteration; d = H·Da).
+            of the ``cdp_*`` presets (γ = 0.1; ``auto`` = exact Jacobian for d ≤ 8, or d ≤ 32 for the closed-form
+            MLP, else power iteration; d = H·Da). ``cdp_max_samples`` = 16 as :class:`~cdp.contraction.ContractionConfig`
+            (regularise 16 random samples per batch); ``None`` regularises the whole batch. It used to default to
+            None here, which silently overrode the library's default of 16 with "all" (16× the cost at batch 256).
         eval_episodes / eval_max_steps / eval_seed_start: closed-loop evaluation (0 episodes: skip).
         diag_obs / diag_samples: dataset observations and trajectories per observation for the contraction
             diagnostics (0: skip; None: 2 × 4 when d = H·Da ≤ 8, else 1 × 1). They use exact d×d Jacobians at every
@@ -123,7 +128,7 @@ class ILConfig:
     cdp_t_range: tuple[float, float] = (0.0, 1.0)
     cdp_estimator: str = "auto"
     cdp_loss: str = "hinge"
-    cdp_max_samples: int | None = None
+    cdp_max_samples: int | None = 16
     eval_episodes: int = 50
     eval_max_steps: int = 300
     eval_seed_start: int = 100000
@@ -253,6 +258,21 @@ def resolve_zarr(path: str | os.PathLike | None) -> str:
     return p
 
 
+def load_demos(cfg: ILConfig, path: str | os.PathLike | None = None):
+    """The training demos of ``cfg``: first the pool of at most ``max_episodes`` episodes (DP: 90, random with
+    ``seed``), then ``fraction`` of that pool (``max(1, round(fraction · pool))``, again with ``seed``).
+
+    Fractions are therefore nested for a fixed seed and never degenerate: before, the fraction was applied to all
+    206 episodes and then capped at 90, so ``fraction=0.1`` gave 21 demos (23 % of the 90-demo run) and every
+    fraction ≥ 0.44 gave the same 90.
+    """
+    ds = load_pusht_lowdim(resolve_zarr(path if path is not None else cfg.zarr), max_episodes=cfg.max_episodes,
+                           seed=cfg.seed)
+    if cfg.fraction is not None and cfg.fraction < 1.0:
+        ds = subsample_episodes(ds, fraction=cfg.fraction, seed=cfg.seed)
+    return ds
+
+
 def policy_fn_for(policy: DiffusionPolicy, seed: int, sampler: str | None = None,
                   num_inference_steps: int | None = None):
     """An :func:`~cdp.envs.pusht.evaluate_pusht` callback: obs (B, To, Do) numpy → actions (B, H, Da) numpy.
@@ -348,7 +368,7 @@ def run_il(cfg: ILConfig, out_dir: str | os.PathLike, resume: bool = False, prog
     path = resolve_zarr(cfg.zarr)
     if resume:
         _check_resume(out, cfg)
-    ds = load_pusht_lowdim(path, max_episodes=cfg.max_episodes, fraction=cfg.fraction, seed=cfg.seed)
+    ds = load_demos(cfg, path)
     torch.manual_seed(cfg.seed)
     pol = DiffusionPolicy(cfg.policy_config(ds.obs_dim, ds.action_dim))
     obs, act = make_windows(ds, pol.config)
