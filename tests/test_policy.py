@@ -113,3 +113,26 @@ def test_cached_time_embedding_gives_identical_samples():
     from cdp.samplers import make_sampler, sample
     ref = sample(pol.net, make_sampler("dpmsolver++", pol.schedule, "epsilon", 1.0, 3), noise, pol._cond(obs))
     assert torch.allclose(a1, pol.action_normalizer.unnormalize(ref.clamp(-1, 1)), atol=1e-6)
+
+
+def test_time_embedding_cache_is_used_and_invalidated_by_training():
+    obs, act = data(8)
+    pol = make()
+    pol.fit_normalizers(obs, act)
+    calls = []
+    orig = pol.net.embed_time
+    pol.net.embed_time = lambda t: calls.append(1) or orig(t)
+    noise = torch.randn(8, 2)
+    a1 = pol.sample(obs, noise=noise, sampler="ddim")
+    n1 = len(calls)
+    a2 = pol.sample(obs, noise=noise, sampler="ddim")
+    assert len(calls) == n1 == 5 and torch.equal(a1, a2)  # second call reuses the cache
+    opt = torch.optim.SGD(pol.net.parameters(), lr=0.1)
+    loss, _ = pol.compute_loss(obs, act)
+    loss.backward()
+    opt.step()  # in-place parameter update bumps the version counters
+    a3 = pol.sample(obs, noise=noise, sampler="ddim")
+    assert len(calls) == 10
+    from cdp.samplers import make_sampler, sample
+    ref = sample(pol.net, make_sampler("ddim", pol.schedule, "epsilon", 1.0), noise, pol._cond(obs))
+    assert torch.allclose(a3, pol.action_normalizer.unnormalize(ref.clamp(-1, 1)), atol=1e-6)

@@ -286,13 +286,20 @@ class DiffusionPolicy(nn.Module):
         return (act, traj) if return_trajectory else act
 
     def _cached_time_denoiser(self, sampler, dtype: torch.dtype):
-        """The network with its time embedding computed once per sampling step (all samples share t), when the
-        network supports it (``embed_time`` / ``t_emb``); else the network itself."""
+        """The network with its time embedding computed once per sampling step (all samples share t) and reused
+        across calls while the time-MLP's parameters are unchanged (keyed on their identity, storage and in-place
+        version counters, which optimiser steps, EMA updates and ``load_state_dict`` all bump). Networks without
+        ``embed_time`` / ``t_emb`` are returned as they are."""
         if not hasattr(self.net, "embed_time"):
             return self.net
-        ts = [sampler.t_of(k) for k in sampler.timesteps.tolist()]
-        embs = {t: self.net.embed_time(torch.tensor([t], dtype=dtype)) for t in ts}
-        net = self.net
+        ts = tuple(float(torch.tensor(sampler.t_of(k), dtype=dtype)) for k in sampler.timesteps.tolist())
+        params = tuple((id(q), q.data_ptr(), q._version) for q in self.net.parameters())
+        key = (ts, dtype)
+        cached = getattr(self, "_temb_cache", None)
+        if cached is None or cached[0] != key or cached[1] != params:
+            embs = {t: self.net.embed_time(torch.tensor([t], dtype=dtype)) for t in ts}
+            self._temb_cache = cached = (key, params, embs)
+        embs, net = cached[2], self.net
 
         def den(x, t, cond):
             emb = embs.get(float(t.reshape(-1)[0]))

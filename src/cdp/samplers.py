@@ -178,10 +178,6 @@ class DPMSolverPP2MSampler(DiffusionSampler):
 
     name = "dpmsolver++"
 
-    def _lam(self, k: int) -> float:
-        al, si = self.schedule.discrete_alpha_sigma(torch.tensor(k), torch.float64)
-        return float(torch.log(al / si))
-
     def step(self, model_output, i, sample, noise=None, generator=None):
         if i == 0:
             self._history = []
