@@ -126,14 +126,17 @@ class NoiseSchedule:
     def _log_alpha_linear(self, t: torch.Tensor) -> torch.Tensor:
         return -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
 
+    def _cosine_phi(self, t: torch.Tensor) -> torch.Tensor:
+        """φ(t) = (t + s)/(1 + s)·π/2 of the cosine schedule, t clipped at :attr:`COSINE_T_MAX`."""
+        s = self.config.cosine_s
+        return (torch.clamp(t, max=self.COSINE_T_MAX) + s) / (1 + s) * math.pi / 2
+
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
         """log α_t (α_t = sqrt(ᾱ)), shape of ``t``."""
         t = torch.as_tensor(t)
         if self.config.name == "cosine":
             s = self.config.cosine_s
-            tc = torch.clamp(t, max=self.COSINE_T_MAX)
-            phi = (tc + s) / (1 + s) * math.pi / 2
-            return torch.log(torch.cos(phi)) - math.log(math.cos(s / (1 + s) * math.pi / 2))
+            return torch.log(torch.cos(self._cosine_phi(t))) - math.log(math.cos(s / (1 + s) * math.pi / 2))
         return self._log_alpha_linear(t)
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
@@ -153,10 +156,7 @@ class NoiseSchedule:
         """β(t) = -2 d log α_t / dt (continuous-time units, 1/time), shape of ``t``."""
         t = torch.as_tensor(t)
         if self.config.name == "cosine":
-            s = self.config.cosine_s
-            tc = torch.clamp(t, max=self.COSINE_T_MAX)
-            phi = (tc + s) / (1 + s) * math.pi / 2
-            return 2 * torch.tan(phi) * math.pi / (2 * (1 + s))
+            return torch.tan(self._cosine_phi(t)) * math.pi / (1 + self.config.cosine_s)
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
     def ode_coefficients(self, t: torch.Tensor, prediction: PredictionType = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
