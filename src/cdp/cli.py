@@ -5,6 +5,7 @@
     cdp eval   --checkpoint DIR               evaluate an imitation-learning checkpoint in gym-pusht
     cdp rl     [--algo bc|edp|cdp] ...        offline RL on a generated PointMaze dataset
     cdp bench  SPEC.yaml [--workers N]         an experiment grid on Ray, aggregated over seeds
+    cdp data   mujoco|maze --out ...          make D4RL-recipe datasets (SAC for Hopper/Walker2d/HalfCheetah)
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ from .cli_rl import add_rl  # noqa: E402  (offline RL: cdp rl)
 REGISTRY += [add_train, add_eval, add_rl]
 from .cli_bench import add_bench  # noqa: E402  (experiment grids on Ray: cdp bench)
 REGISTRY += [add_bench]
+from .cli_data import add_data  # noqa: E402  (dataset generation: cdp data)
+REGISTRY += [add_data]
 
 
 def build_parser() -> argparse.ArgumentParser:
