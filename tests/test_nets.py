@@ -336,3 +336,25 @@ def test_config_kwarg_constructor():
     assert net(torch.randn(2, 4, DA), torch.rand(2)).shape == (2, 4, DA)
     with pytest.raises(ValueError):
         ConditionalUnet1D()
+
+
+# ----------------------------------------------------------------------------------------------- fast Mish
+def test_fast_mish_matches_torch_mish_and_its_derivative():
+    import torch.nn.functional as F
+
+    from cdp.nets.activations import Mish, mish, mish_and_grad
+
+    x = torch.cat([torch.linspace(-60, 60, 2001, dtype=torch.float64), torch.randn(1000, dtype=torch.float64) * 5])
+    assert torch.allclose(mish(x), F.mish(x), rtol=1e-12, atol=1e-13)
+    y, dy = mish_and_grad(x)
+    xr = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(F.mish(xr).sum(), xr)
+    assert torch.allclose(y, F.mish(x), rtol=1e-12, atol=1e-13)
+    assert torch.allclose(dy, g, rtol=1e-10, atol=1e-12)
+    xf = x.float()
+    assert (Mish()(xf) - F.mish(xf)).abs().max() < 2e-5
+    assert torch.isfinite(mish(torch.tensor([1e4, -1e4]))).all()
+    # first and second derivatives through autograd agree with finite differences
+    z = (torch.randn(20, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(mish, (z,)) and torch.autograd.gradgradcheck(mish, (z,))
+    assert torch.autograd.gradcheck(lambda u: mish_and_grad(u)[1], (z,))

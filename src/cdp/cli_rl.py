@@ -1,9 +1,10 @@
-"""``cdp rl``: offline RL on a D4RL-style PointMaze dataset — BC, EDP or CDP (EDP + contraction).
+"""``cdp rl``: offline RL on a D4RL-layout dataset — BC, EDP or CDP (EDP + contraction), evaluated in MuJoCo.
 
     cdp rl                                   # CDP on a generated PointMaze UMaze dataset (no download)
     cdp rl --algo edp --fraction 0.1         # EDP in the 10%-data regime
     cdp rl --algo bc --steps 2000 --out runs/rl_bc
     cdp rl --dataset maze.hdf5               # any D4RL-layout hdf5 for a PointMaze env
+    cdp rl --dataset data/hopper/hopper-medium-replay-v5.hdf5   # from `cdp data mujoco` (or a D4RL file + --env)
 
 Writes into ``--out``: the cached dataset (``dataset_*.hdf5``), ``config.yaml``, ``metrics.jsonl`` + ``tb/``,
 ``checkpoints/last`` and ``results.json``; prints the normalised score ± std over the evaluation episodes and, for
@@ -22,12 +23,15 @@ DEFAULT_ENV = "PointMaze_UMaze-v3"
 
 
 def add_rl(sub) -> None:
-    p = sub.add_parser("rl", help="offline RL (BC / EDP / CDP) on a generated PointMaze dataset, evaluated in MuJoCo",
+    p = sub.add_parser("rl", help="offline RL (BC / EDP / CDP) on PointMaze (generated) or a D4RL-layout dataset",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--algo", choices=("bc", "edp", "cdp"), default="cdp", help="(default: cdp)")
     p.add_argument("--out", default="runs/rl", help="run folder; re-using it resumes (default: runs/rl)")
-    p.add_argument("--env", default=DEFAULT_ENV, help=f"PointMaze env id (default: {DEFAULT_ENV})")
-    p.add_argument("--dataset", default=None, help="D4RL-layout hdf5 to use instead of generating one")
+    p.add_argument("--env", default=None,
+                   help=f"env id: the PointMaze env to generate for (default: {DEFAULT_ENV}), or the evaluation env of "
+                        f"--dataset (default: the file's env_id attribute, e.g. Hopper-v5)")
+    p.add_argument("--dataset", default=None,
+                   help="D4RL-layout hdf5 (PointMaze, or Hopper/Walker2d/HalfCheetah-v5) to use instead of generating one")
     p.add_argument("--dataset-size", type=int, default=50_000, help="generated transitions (default: 50000)")
     p.add_argument("--action-noise", type=float, default=0.0,
                    help="std of Gaussian noise on the expert's actions when generating (default: 0)")
@@ -53,7 +57,10 @@ def _dataset(args, out: Path):
 
     if args.dataset:
         ds = load_d4rl_hdf5(args.dataset, env_id=args.env)
+        if ds.env_id is None:
+            raise ValueError(f"{args.dataset} names no env (no env_id attribute); pass --env, e.g. --env Hopper-v5")
     else:
+        args.env = args.env or DEFAULT_ENV
         path = out / f"dataset_{args.env}_n{args.dataset_size}_noise{args.action_noise:g}_seed{args.dataset_seed}.hdf5"
         if path.exists():
             ds = load_d4rl_hdf5(path)
@@ -145,8 +152,9 @@ def run_rl(args) -> int:
                "evals": res["evals"], "contraction_diagnostics": diag, "timing": timing}
     run.write_json("results.json", results)
     run.close()
+    succ = "" if ev.get("success_rate") is None else f", success {ev['success_rate']:.2f}"
     print(f"normalized score: {ev['normalized_score_mean']:.1f} ± {ev['normalized_score_std']:.1f} "
-          f"(return {ev['mean_return']:.1f}, success {ev['success_rate']:.2f}, {args.eval_episodes} episodes)")
+          f"(return {ev['mean_return']:.1f}{succ}, {args.eval_episodes} episodes)")
     if diag is not None:
         print(f"contraction: mean λ̂ {diag['lambda_hat_mean']:+.3f}, max λ̂ {diag['lambda_hat_max']:+.3f}, "
               f"{100 * diag['frac_points_contractive']:.0f}% of trajectory points and "

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cdp.nets.activations import Mish, mish_and_grad
 from cdp.nets.embeddings import SinusoidalTimeEmbedding
 
 __all__ = ["MLPDenoiserConfig", "MLPDenoiser"]
@@ -101,13 +102,13 @@ class MLPDenoiser(nn.Module):
         self.time_mlp = nn.Sequential(
             SinusoidalTimeEmbedding(c.time_dim),
             nn.Linear(c.time_dim, 2 * c.time_dim),
-            nn.Mish(),
+            Mish(),
             nn.Linear(2 * c.time_dim, c.time_dim),
         )
         layers: list[nn.Module] = []
         width = self.flat_dim + c.time_dim + c.cond_dim
         for _ in range(c.n_layers):
-            layers += [nn.Linear(width, c.hidden), nn.Mish()]
+            layers += [nn.Linear(width, c.hidden), Mish()]
             width = c.hidden
         self.trunk = nn.Sequential(*layers)
         self.out = nn.Linear(c.hidden, self.flat_dim)
@@ -175,8 +176,6 @@ class MLPDenoiser(nn.Module):
         for lin in mods[0::2]:
             z = lin(h)
             jz = lin.weight[:, : self.flat_dim].t() if jac_t is None else nn.functional.linear(jac_t, lin.weight)
-            sp = torch.tanh(nn.functional.softplus(z))
-            h = z * sp
-            dmish = sp + z * (1 - sp * sp) * torch.sigmoid(z)  # Mish'(z)
+            h, dmish = mish_and_grad(z)  # Mish(z), Mish'(z)
             jac_t = dmish.unsqueeze(1) * jz
         return nn.functional.linear(jac_t, self.out.weight).transpose(1, 2)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cdp.nets.activations import Mish
 from cdp.nets.embeddings import SinusoidalTimeEmbedding
 
 __all__ = ["UNet1DConfig", "ConditionalUnet1D"]
@@ -97,7 +98,7 @@ class _Conv1dBlock(nn.Module):
         super().__init__()
         self.conv = nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2)
         self.norm = nn.GroupNorm(n_groups, c_out)
-        self.act = nn.Mish()
+        self.act = Mish()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.conv(x)))
@@ -113,7 +114,7 @@ class _FiLMResBlock1D(nn.Module):
         super().__init__()
         self.block1 = _Conv1dBlock(c_in, c_out, kernel_size, n_groups)
         self.block2 = _Conv1dBlock(c_out, c_out, kernel_size, n_groups)
-        self.film = nn.Sequential(nn.Mish(), nn.Linear(g_dim, 2 * c_out))
+        self.film = nn.Sequential(Mish(), nn.Linear(g_dim, 2 * c_out))
         self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.c_out = c_out
 
@@ -166,7 +167,7 @@ class ConditionalUnet1D(nn.Module):
         self.time_encoder = nn.Sequential(
             SinusoidalTimeEmbedding(d_t),
             nn.Linear(d_t, 4 * d_t),
-            nn.Mish(),
+            Mish(),
             nn.Linear(4 * d_t, d_t),
         )
         g_dim = d_t + c.cond_dim

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch import distributions as D
 from torch import nn
 
+from ..nets.activations import Mish
+
 __all__ = ["GaussianPolicyConfig", "GaussianMLPPolicy", "GMMPolicyConfig", "GMMPolicy"]
 
-_ACTIVATIONS = {"relu": nn.ReLU, "mish": nn.Mish, "silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+_ACTIVATIONS = {"relu": nn.ReLU, "mish": Mish, "silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
 def _validate_common(name: str, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], activation: str) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..nets.activations import Mish
+
 BATCH_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
 
 
@@ -35,7 +37,7 @@ def check_batch(batch: dict[str, torch.Tensor], obs_dim: int, action_dim: int) -
             raise ValueError(f"batch[{key!r}] contains NaN or inf (bad dataset row?); refusing to train on it")
 
 
-def mlp(in_dim: int, out_dim: int, hidden: int = 256, n_layers: int = 3, act: type[nn.Module] = nn.Mish) -> nn.Sequential:
+def mlp(in_dim: int, out_dim: int, hidden: int = 256, n_layers: int = 3, act: type[nn.Module] = Mish) -> nn.Sequential:
     layers: list[nn.Module] = []
     d = in_dim
     for _ in range(n_layers):

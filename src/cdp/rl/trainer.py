@@ -104,14 +104,26 @@ def load_agent(directory: str | Path):
 
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate_agent(agent, ds, n_episodes: int = 10, seed: int = 1000) -> dict[str, Any]:
-    """Roll the agent out in the dataset's PointMaze env → evaluate_policy's dict (normalised score included)."""
+    """Roll the agent out in the dataset's env → a dict with the D4RL normalised score (mean/std over episodes).
+
+    PointMaze datasets use :func:`cdp.data.maze.evaluate_policy`; Hopper / Walker2d / HalfCheetah datasets use
+    :func:`cdp.data.mujoco.evaluate_locomotion`. Both run the episodes as one vectorised env and use the
+    dataset's reference scores.
+
+    Raises:
+        ValueError: the dataset names no env (``ds.env_id`` is None) and is not a PointMaze dataset.
+    """
     from ..data.maze import evaluate_policy
+    from ..data.mujoco import evaluate_locomotion, is_locomotion
 
     gen = torch.Generator().manual_seed(seed)
 
     def policy_fn(obs: np.ndarray) -> np.ndarray:
         return agent.act(torch.as_tensor(obs, dtype=torch.float32), generator=gen).numpy()
 
+    if is_locomotion(ds.env_id):
+        return evaluate_locomotion(policy_fn, ds.env_id, n_episodes=n_episodes, seed=seed,
+                                   ref_min=ds.ref_min_score, ref_max=ds.ref_max_score)
     return evaluate_policy(policy_fn, ds.env_id or "PointMaze_UMaze-v3", n_episodes=n_episodes, seed=seed,
                            reward_type=ds.meta.get("reward_type"), ref_min=ds.ref_min_score, ref_max=ds.ref_max_score)
 
