@@ -110,6 +110,32 @@ def test_algo_overrides_and_shared_dataset(tmp_path):
         _spec(tmp_path, algo_overrides={"cdp": {"seed": 1}})
 
 
+def test_d4rl_named_mujoco_dataset(tmp_path, monkeypatch):
+    data_root = tmp_path / "data"
+    s = _spec(tmp_path, datasets=["hopper-medium-replay", "PointMaze_UMaze-v3"],
+              data={"root": str(data_root), "max_steps": 1000, "buffer_size": 1000})
+    c = next(c for c in expand(s) if c.dataset == "hopper-medium-replay")
+    a = c.args
+    assert a[a.index("--env") + 1] == "Hopper-v5"
+    assert a[a.index("--dataset") + 1] == str((data_root / "hopper" / "hopper-medium-replay-v5.hdf5").absolute())
+    assert "hopper-medium-replay" in str(c.out)
+    cfg, folder = s.mujoco_data("hopper-medium-replay")
+    assert cfg.env_id == "Hopper-v5" and cfg.kinds == ("medium-replay",) and cfg.max_steps == 1000
+    assert folder == (data_root / "hopper").absolute() and s.mujoco_data("PointMaze_UMaze-v3") is None
+    with pytest.raises(ValueError, match="'data' does not make dataset 'hopper-medium-replay'.*buffer_size"):
+        _spec(tmp_path, datasets=["hopper-medium-replay"], data={"max_steps": 10, "buffer_size": 5})
+    with pytest.raises(ValueError, match="'data' does not make"):
+        _spec(tmp_path, datasets=["walker2d-medium"], data={"no_such_field": 1})
+    # prepare: the grid makes a missing MuJoCo dataset with that config (generation itself is tested elsewhere)
+    import cdp.data.mujoco as mj
+    from cdp.bench import prepare_rl_datasets
+
+    calls = []
+    monkeypatch.setattr(mj, "generate_mujoco_datasets", lambda cfg, out, **kw: calls.append((cfg.env_id, out)))
+    prepare_rl_datasets(s, {"hopper-medium-replay"}, log=lambda m: None)
+    assert calls == [("Hopper-v5", (data_root / "hopper").absolute())]
+
+
 def test_unreachable_address(tmp_path, capsys):
     pytest.importorskip("ray")
     import socket

@@ -7,7 +7,8 @@ A spec (``configs/experiments/*.yaml``)::
     job: rl                         # rl (cdp rl) | il (cdp train) | toy (cdp toy)
     out: runs/bench/rl_maze_cpu     # root of the run folders (relative: to the current directory)
     algos: [bc, edp, cdp]           # rl: --algo; il: --policy presets; toy: --variants (one variant per cell)
-    datasets: [PointMaze_UMaze-v3]  # rl: --env; il: --task; toy: a label only (the 2-D four-mode mixture)
+    datasets: [PointMaze_UMaze-v3]  # rl: --env, or a D4RL name hopper-medium-replay (made by cdp data mujoco);
+                                    # il: --task; toy: a label only (the 2-D four-mode mixture)
     fractions: [1.0, 0.1]           # --fraction (toy: 1.0 only)
     seeds: [0, 1, 2]                # --seed
     overrides: {steps: 2000, eval_episodes: 10, threads: 1}   # any other flag of the sub-command
@@ -15,6 +16,8 @@ A spec (``configs/experiments/*.yaml``)::
     baselines: {cdp: edp}           # optional: algo → its base, for the CDP/base compute ratio
     workers: 2                      # optional default of --workers
     shared_dataset: true            # rl only (default): generate the PointMaze dataset once for all cells
+    data: {root: runs/data, max_steps: 300000}   # rl, D4RL-named datasets: where and how `cdp data mujoco` makes
+                                    # them (cdp.data.mujoco.MujocoDataConfig fields) before the grid starts
 
 Each cell runs ``python -m cdp.cli <job> ... --out <out>/<job>/<algo>/<dataset>/frac<f>/seed<s>`` (stdout+stderr in
 ``bench.log`` there). A cell whose results file exists is skipped; any other cell is (re)started with the same
@@ -52,7 +55,10 @@ GRID_FLAGS = {"out", "seed", "fraction", "algo", "policy", "variants", "env", "t
 DEFAULT_BASELINES = {"cdp": "edp", "cdp_dbc": "dbc", "cdp_unet": "dp_unet", "cdp_dit": "dp_dit", "cdp_all": "standard",
                      "cdp_low10": "standard"}
 SPEC_KEYS = {"name", "job", "out", "algos", "datasets", "fractions", "seeds", "overrides", "baselines", "workers",
-             "description", "shared_dataset", "algo_overrides"}
+             "description", "shared_dataset", "algo_overrides", "data"}
+#: rl dataset names made by ``cdp data mujoco``: <robot>-<kind> → env Hopper-v5 etc.
+LOCOMOTION_NAME = re.compile(r"(hopper|walker2d|halfcheetah)-(random|medium|medium-replay|expert|medium-expert)")
+_ROBOT_ENV = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": "HalfCheetah-v5"}
 
 
 # ----------------------------------------------------------------------------------------------------------- spec
@@ -71,12 +77,37 @@ class Spec:
     description: str = ""
     shared_dataset: bool = True
     algo_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def env_for(self, dataset: str) -> str:
+        """The ``--env`` of a grid dataset: ``hopper-medium-replay`` → ``Hopper-v5``; other names are env ids."""
+        m = LOCOMOTION_NAME.fullmatch(dataset) if self.job == "rl" else None
+        return _ROBOT_ENV[m.group(1)] if m else dataset
+
+    def mujoco_data(self, dataset: str):
+        """(MujocoDataConfig, folder) that makes a D4RL-named rl dataset, or None for other names."""
+        m = LOCOMOTION_NAME.fullmatch(dataset) if self.job == "rl" else None
+        if not m:
+            return None
+        from .data.mujoco import MujocoDataConfig
+
+        d = {k: v for k, v in self.data.items() if k != "root"}
+        kinds = tuple(sorted({m.group(2)} | set(d.pop("kinds", ()))))
+        cfg = MujocoDataConfig(env_id=_ROBOT_ENV[m.group(1)], kinds=kinds, **d)
+        return cfg, (Path(self.data.get("root", "runs/data")) / m.group(1)).absolute()
 
     def rl_dataset(self, env: str) -> Path | None:
-        """rl with ``shared_dataset`` (default) and no ``dataset`` override: the one generated PointMaze dataset of
-        ``env`` that every cell reads (``--dataset``), generated once before the grid (as ``cdp rl`` would)."""
+        """rl with ``shared_dataset`` (default) and no ``dataset`` override: the one dataset every cell of ``env``
+        reads (``--dataset``), made once before the grid — a D4RL-named MuJoCo dataset (``hopper-medium-replay``) by
+        :func:`cdp.data.mujoco.generate_mujoco_datasets`, otherwise the PointMaze dataset ``cdp rl`` would generate."""
         if self.job != "rl" or not self.shared_dataset or self.overrides.get("dataset"):
             return None
+        md = self.mujoco_data(env)
+        if md is not None:
+            from .data.mujoco import dataset_path
+
+            cfg, folder = md
+            return dataset_path(folder, cfg.env_id, LOCOMOTION_NAME.fullmatch(env).group(2))
         o = self.overrides
         name = (f"dataset_{env}_n{int(o.get('dataset_size', 50_000))}_noise{float(o.get('action_noise', 0.0)):g}"
                 f"_seed{int(o.get('dataset_seed', 0))}.hdf5")
@@ -196,10 +227,19 @@ def parse_spec(data: dict, where: str = "spec", check_flags: bool = True) -> Spe
     shared = data.get("shared_dataset", True)
     if not isinstance(shared, bool):
         raise ValueError(f"{where}: 'shared_dataset' must be true or false")
-    return Spec(name=name, job=job, out=str(out), algos=algos, datasets=datasets, fractions=fractions, seeds=seeds,
+    mdata = data.get("data") or {}
+    if not isinstance(mdata, dict):
+        raise ValueError(f"{where}: 'data' must be a mapping (root + cdp.data.mujoco.MujocoDataConfig fields)")
+    spec = Spec(name=name, job=job, out=str(out), algos=algos, datasets=datasets, fractions=fractions, seeds=seeds,
                 overrides=overrides, baselines={str(k): str(v) for k, v in baselines.items()}, workers=workers,
                 description=str(data.get("description", "")), shared_dataset=shared,
-                algo_overrides=per_algo)
+                algo_overrides=per_algo, data=mdata)
+    for d in datasets:  # build each MuJoCo data config now: bad 'data' fields fail before anything runs
+        try:
+            spec.mujoco_data(d)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{where}: 'data' does not make dataset {d!r}: {e}") from None
+    return spec
 
 
 def load_spec(path: str | os.PathLike, check_flags: bool = True) -> Spec:
@@ -268,7 +308,7 @@ def expand(spec: Spec) -> list[Cell]:
                     out = cell_dir(spec.root, algo, ds, frac, seed).absolute()
                     args = [COMMAND[spec.job], ALGO_FLAG[spec.job], algo]
                     if DATASET_FLAG[spec.job]:
-                        args += [DATASET_FLAG[spec.job], ds]
+                        args += [DATASET_FLAG[spec.job], spec.env_for(ds)]
                     if spec.rl_dataset(ds) is not None:
                         args += ["--dataset", str(spec.rl_dataset(ds))]
                     if spec.job != "toy":
@@ -318,6 +358,13 @@ def prepare_rl_datasets(spec: Spec, envs, log=print) -> None:
         path = spec.rl_dataset(env)
         if path is None or path.exists():
             continue
+        md = spec.mujoco_data(env)
+        if md is not None:  # SAC: hours on 2 cores, resumable (re-running the bench continues it)
+            from .data.mujoco import generate_mujoco_datasets
+
+            log(f"making the D4RL-recipe datasets {md[0].kinds} of {md[0].env_id} in {md[1]} (SAC; resumable)")
+            generate_mujoco_datasets(md[0], md[1], progress=False, log=lambda s: log("  " + s))
+            continue
         from .data.maze import generate_maze_dataset
 
         o = spec.overrides
@@ -346,6 +393,10 @@ def run_grid(spec: Spec, workers: int | None = None, address: str | None = None,
     """Run the unfinished cells of ``spec`` as Ray tasks; returns {"ran", "skipped", "failed": [labels]}."""
     cells = expand(spec)
     todo = [c for c in cells if not c.done]
+    # seed-major order, so an interrupted grid leaves whole seeds (every algo and fraction) rather than whole algos
+    order = {a: i for i, a in enumerate(spec.algos)}
+    todo.sort(key=lambda c: (spec.seeds.index(c.seed), spec.datasets.index(c.dataset),
+                             spec.fractions.index(c.fraction), order[c.algo]))
     skipped = len(cells) - len(todo)
     log(f"cdp bench {spec.name}: {len(cells)} cells, {skipped} finished (skipped), {len(todo)} to run")
     if not todo:
