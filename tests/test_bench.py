@@ -72,6 +72,15 @@ def test_cli_reports_bad_spec(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[todo] bc/PointMaze_UMaze-v3/frac1/seed0: python -m cdp.cli rl --algo bc" in out
     assert "12 cells, 0 finished" in out and not (tmp_path / "o").exists()  # a dry run writes nothing
+    # several specs: all validated first (a bad one stops everything), then run in order
+    good2 = tmp_path / "good2.yaml"
+    good2.write_text(yaml.safe_dump({**RL, "algos": ["edp"], "seeds": [0], "out": str(tmp_path / "o2")}))
+    assert main(["bench", str(good), str(p), "--dry-run"]) == 2
+    assert "unknown rl algos" in capsys.readouterr().err
+    assert main(["bench", str(good), str(good2), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("12 cells, 0 finished") < out.index("2 cells, 0 finished")
+    assert main(["bench", str(good), str(good2), "--out", str(tmp_path), "--dry-run"]) == 2
 
 
 def test_grid_expansion(tmp_path):

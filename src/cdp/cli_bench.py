@@ -5,6 +5,7 @@
     cdp bench configs/experiments/rl_maze_cpu.yaml --address auto   # an existing Ray cluster (or ray://host:10001)
     cdp bench SPEC.yaml --dry-run                                   # list the cells and their commands
     cdp bench SPEC.yaml --aggregate-only                            # tables + plots from finished cells
+    cdp bench configs/experiments/{toy_seeds,rl_hopper_cpu}.yaml    # several studies, one after the other
 
 Re-running the same command skips finished cells and resumes interrupted ones (see :mod:`cdp.bench`).
 """
@@ -18,7 +19,8 @@ import sys
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="run an experiment grid (YAML spec) on Ray and aggregate it over seeds",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("spec", help="experiment spec, e.g. configs/experiments/toy_seeds.yaml")
+    p.add_argument("spec", nargs="+", help="experiment spec(s), e.g. configs/experiments/toy_seeds.yaml; several "
+                                           "run one after the other (all are validated first)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to use (ray://host:10001 or 'auto'); default: a local Ray with --workers CPUs")
     p.add_argument("--workers", type=int, default=None,
@@ -31,13 +33,24 @@ def add_bench(sub) -> None:
 
 
 def run_bench(args) -> int:
-    from .bench import aggregate, expand, load_spec, run_grid
+    from .bench import load_spec
 
-    spec = load_spec(args.spec)
-    if args.out:
-        spec.out = args.out
+    specs = [load_spec(p) for p in args.spec]  # every spec is validated before anything runs
+    if args.out and len(specs) > 1:
+        raise ValueError("--out applies to a single spec")
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    rc = 0
+    for spec in specs:
+        if args.out:
+            spec.out = args.out
+        rc = max(rc, _run_one(spec, args))
+    return rc
+
+
+def _run_one(spec, args) -> int:
+    from .bench import aggregate, expand, run_grid
+
     if args.dry_run:
         cells = expand(spec)
         for c in cells:
@@ -58,6 +71,6 @@ def run_bench(args) -> int:
     print(agg["markdown"])
     print("wrote " + ", ".join(str(f) for f in agg["files"]))
     if failed:
-        print(f"cdp bench: {len(failed)} cells failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"cdp bench {spec.name}: {len(failed)} cells failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
