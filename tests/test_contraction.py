@@ -232,6 +232,46 @@ def test_fast_jacobian_equals_vmap_jacfwd():
     assert torch.allclose(jacobian_fast(f, x, t, c), jacobian(f, x, t, c), atol=1e-10, rtol=0)
 
 
+def test_forward_and_jacobian_equals_forward_and_jacobian():
+    """MLPDenoiser.forward_and_jacobian: outputs = forward, J of the first n rows = jacobian(), same parameter grads."""
+    from cdp.nets.mlp import MLPDenoiser
+    torch.manual_seed(0)
+    for horizon, da in ((1, 3), (4, 2)):
+        net = MLPDenoiser(action_dim=da, cond_dim=5, hidden=32, n_layers=3, horizon=horizon).double()
+        shape = (9, da) if horizon == 1 else (9, horizon, da)
+        x, t, c = torch.randn(shape, dtype=torch.float64), torch.rand(9, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+        out, J = net.forward_and_jacobian(x, t, c, 4)
+        assert torch.allclose(out, net(x, t, c), atol=1e-12, rtol=0)
+        ref = jacobian(net, x[:4], t[:4], c[:4])
+        assert J.shape == ref.shape and torch.allclose(J, ref, atol=1e-12, rtol=0)
+
+        def grads(o, jac):
+            loss = (o ** 2).mean() + torch.linalg.eigvalsh(0.5 * (jac + jac.transpose(1, 2)))[:, -1].sum()
+            return torch.autograd.grad(loss, list(net.parameters()))
+        g1 = grads(out, J)
+        g2 = grads(net(x, t, c), net.input_jacobian(x[:4], t[:4], c[:4]))
+        assert all(torch.allclose(a, b, atol=1e-10, rtol=0) for a, b in zip(g1, g2))
+        assert net.forward_and_jacobian(x, t, c, 0)[1].shape[0] == 0
+        with pytest.raises(ValueError, match="n_jac"):
+            net.forward_and_jacobian(x, t, c, 10)
+
+
+@pytest.mark.parametrize("loss", ["hinge", "frobenius", "authors"])
+def test_loss_from_jacobian_equals_the_generic_exact_path(loss):
+    """The exact loss from a given Jacobian = __call__ with a denoiser that has no closed form (functorch path)."""
+    torch.manual_seed(0)
+    net = tiny_net()
+    reg = ContractionRegularizer(ContractionConfig(loss=loss, estimator="exact", margin=0.05, weight=0.3),
+                                 NoiseSchedule())
+    f = net_fn(net)
+    x, t, c = torch.randn(6, 3, dtype=torch.float64), torch.rand(6, dtype=torch.float64) * 0.9 + 0.05, torch.randn(6, 2, dtype=torch.float64)
+    l1, m1 = reg(f, x, t, c)
+    l2, m2 = reg.loss_from_jacobian(jacobian(f, x, t, c), t)
+    assert torch.allclose(l1, l2, atol=1e-12) and m1 == pytest.approx(m2)
+    with pytest.raises(ValueError, match="need J"):
+        reg.loss_from_jacobian(torch.zeros(6, 3, 2), t)
+
+
 def test_closed_form_matvecs_match_the_functorch_path():
     """power / lanczos / hutchinson on an MLPDenoiser (closed-form products) equal the generic JVP/VJP path."""
     from cdp.nets.mlp import MLPDenoiser

@@ -319,6 +319,11 @@ class ContractionConfig:
         prediction: what the network outputs (``"epsilon"``, ``"sample"``, ``"score"``).
         authors_shift: the ``0.1`` of the public code's mean((J_x0^sym + 0.1 I)²).
         auto_exact_max_dim: the d threshold of ``estimator="auto"``.
+        share_forward: when the network has ``forward_and_jacobian`` (the MLP) and the loss is exact, compute the
+            regularised points' Jacobians inside the diffusion loss's forward pass
+            (:meth:`cdp.policy.DiffusionPolicy.compute_loss`); with the full ``t_range`` the points are the first
+            ``max_samples`` rows of the L_d batch (the same distribution as :meth:`ContractionRegularizer.sample_points`),
+            otherwise ``max_samples`` extra rows drawn by it. Same loss, fewer and larger matrix products.
         apply_prob: "lazy" regularisation (as StyleGAN2's lazy R1): :meth:`ContractionRegularizer.loss_from_clean`
             computes the term only with this probability per call (drawn from the caller's generator, so runs stay
             reproducible and resumable) and then divides it by the probability, so its expectation is unchanged
@@ -337,6 +342,7 @@ class ContractionConfig:
     authors_shift: float = 0.1
     auto_exact_max_dim: int = 8
     apply_prob: float = 1.0
+    share_forward: bool = True
 
     def __post_init__(self) -> None:
         if not (0.0 < self.apply_prob <= 1.0):
@@ -430,6 +436,8 @@ class ContractionRegularizer:
             raise ValueError(f"cond batch {cond.shape[0]} != noisy_action batch {B}")
         d = noisy_action[0].numel()
         est = self._estimator(d, denoiser)
+        if est == "exact":  # every loss has an exact form in terms of the full Jacobian
+            return self.loss_from_jacobian(jacobian_fast(denoiser, noisy_action, t, cond), t)
         s, r = sign_and_ratio(self.schedule, t.to(torch.float64), c.prediction)
         r = r.to(noisy_action.dtype)
         metrics: dict[str, float] = {}
@@ -438,30 +446,64 @@ class ContractionRegularizer:
             lam = r + lam_n  # λ_max(Ĵ)
             per = torch.clamp(lam, min=-c.margin)
             lam_d = lam.detach()
-        elif c.loss == "frobenius":
+        else:  # frobenius, Hutchinson: E_v ‖(Ĵ + βI) v‖² / d with Rademacher v
             shift = r + c.margin  # Ĵ + βI = (r + β) I + s J^sym
-            if est == "exact":
-                J = jacobian_fast(denoiser, noisy_action, t, cond)
-                M = s * 0.5 * (J + J.transpose(1, 2)) + shift[:, None, None] * torch.eye(d, dtype=J.dtype, device=J.device)
-                per = (M**2).sum((1, 2)) / d
-                lam_d = (r + torch.linalg.eigvalsh(s * 0.5 * (J + J.transpose(1, 2)))[:, -1]).detach()
-            else:
-                per = torch.zeros(B, dtype=noisy_action.dtype, device=noisy_action.device)
-                closed = getattr(denoiser, "input_jacobian", None)
-                Jc = closed(noisy_action.detach(), t, cond).reshape(B, d, d) if callable(closed) else None
-                for _ in range(c.n_probes):
-                    v = torch.randint(0, 2, (B, d), generator=generator, device=noisy_action.device).to(noisy_action.dtype) * 2 - 1
-                    if Jc is not None:  # J^sym v by the closed-form Jacobian (with graph)
-                        sv = 0.5 * (torch.bmm(Jc, v.unsqueeze(-1)) + torch.bmm(Jc.transpose(1, 2), v.unsqueeze(-1))).squeeze(-1)
-                    else:
-                        sv = sym_matvec(denoiser, noisy_action.detach(), t, cond, v)
-                    Mv = s * sv + shift[:, None] * v
-                    per = per + (Mv**2).sum(-1) / (d * c.n_probes)
-                lam_d = None
+            per = torch.zeros(B, dtype=noisy_action.dtype, device=noisy_action.device)
+            closed = getattr(denoiser, "input_jacobian", None)
+            Jc = closed(noisy_action.detach(), t, cond).reshape(B, d, d) if callable(closed) else None
+            for _ in range(c.n_probes):
+                v = torch.randint(0, 2, (B, d), generator=generator, device=noisy_action.device).to(noisy_action.dtype) * 2 - 1
+                if Jc is not None:  # J^sym v by the closed-form Jacobian (with graph)
+                    sv = 0.5 * (torch.bmm(Jc, v.unsqueeze(-1)) + torch.bmm(Jc.transpose(1, 2), v.unsqueeze(-1))).squeeze(-1)
+                else:
+                    sv = sym_matvec(denoiser, noisy_action.detach(), t, cond, v)
+                Mv = s * sv + shift[:, None] * v
+                per = per + (Mv**2).sum(-1) / (d * c.n_probes)
+            lam_d = None
+        loss_c = per.mean()
+        metrics["loss_c"] = float(loss_c.detach())
+        if lam_d is not None:
+            metrics["lambda_max_mean"] = float(lam_d.mean())
+            metrics["lambda_max_max"] = float(lam_d.max())
+            metrics["frac_contractive"] = float((lam_d < 0).float().mean())
+        return c.weight * loss_c, metrics
+
+    @property
+    def covers_all_steps(self) -> bool:
+        """True when :attr:`steps` is every step 1..T (``t_range`` (0, 1)): L_d's points are then valid points."""
+        return len(self.steps) == self.schedule.num_steps
+
+    def uses_exact(self, d: int, denoiser: Denoiser | None = None) -> bool:
+        """Whether the loss at action dimension ``d`` is computed from the full Jacobian (so a network's
+        ``forward_and_jacobian`` can supply it)."""
+        return self._estimator(d, denoiser) == "exact"
+
+    def loss_from_jacobian(self, J: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted contraction loss γ·L_c from the denoiser's input Jacobians (the ``exact`` estimator).
+
+        Args:
+            J: (B, d, d) Jacobians ∂N/∂a at the regularised points (with graph to the parameters). t: (B,) their times.
+        Returns:
+            (loss, metrics) exactly as :meth:`__call__` with ``estimator="exact"``.
+        Raises:
+            ValueError: J not (B, d, d) or t not (B,).
+        """
+        c = self.config
+        if J.dim() != 3 or J.shape[1] != J.shape[2] or t.shape != (J.shape[0],):
+            raise ValueError(f"need J (B, d, d) and t (B,), got {tuple(J.shape)} and {tuple(t.shape)}")
+        d = J.shape[1]
+        s, r = sign_and_ratio(self.schedule, t.to(torch.float64), c.prediction)
+        r = r.to(J.dtype)
+        Js = 0.5 * (J + J.transpose(1, 2))
+        eye = torch.eye(d, dtype=J.dtype, device=J.device)
+        if c.loss == "hinge":  # λ_max(Ĵ) = r + λ_max(s J^sym)
+            lam = r + torch.linalg.eigvalsh(s * Js)[:, -1]
+            per = torch.clamp(lam, min=-c.margin)
+        elif c.loss == "frobenius":  # ‖Ĵ + βI‖²_F / d with Ĵ + βI = (r + β) I + s J^sym
+            M = s * Js + (r + c.margin)[:, None, None] * eye
+            per = (M**2).sum((1, 2)) / d
+            lam = r + torch.linalg.eigvalsh((s * Js).detach())[:, -1]
         else:  # authors: mean((J_x0^sym + m I)^2) over entries
-            J = jacobian_fast(denoiser, noisy_action, t, cond)
-            Js = 0.5 * (J + J.transpose(1, 2))
-            eye = torch.eye(d, dtype=J.dtype, device=J.device)
             al = self.schedule.alpha(t.to(torch.float64)).to(J.dtype)[:, None, None]
             si = self.schedule.sigma(t.to(torch.float64)).to(J.dtype)[:, None, None]
             if c.prediction == "epsilon":
@@ -471,14 +513,18 @@ class ContractionRegularizer:
             else:  # score: x0 = (a + σ² s)/α
                 Jx0 = (eye + si**2 * Js) / al
             per = ((Jx0 + c.authors_shift * eye) ** 2).mean((1, 2))
-            lam_d = (r + torch.linalg.eigvalsh(s * Js)[:, -1]).detach()
+            lam = r + torch.linalg.eigvalsh((s * Js).detach())[:, -1]
         loss_c = per.mean()
-        metrics["loss_c"] = float(loss_c.detach())
-        if lam_d is not None:
-            metrics["lambda_max_mean"] = float(lam_d.mean())
-            metrics["lambda_max_max"] = float(lam_d.max())
-            metrics["frac_contractive"] = float((lam_d < 0).float().mean())
+        lam_d = lam.detach()
+        metrics = {"loss_c": float(loss_c.detach()), "lambda_max_mean": float(lam_d.mean()),
+                   "lambda_max_max": float(lam_d.max()), "frac_contractive": float((lam_d < 0).float().mean())}
         return c.weight * loss_c, metrics
+
+    def draw_apply(self, generator: torch.Generator | None = None) -> bool:
+        """The lazy-regularisation coin (``apply_prob``): True when this step computes the term. Draws from
+        ``generator`` only when apply_prob < 1."""
+        p = self.config.apply_prob
+        return p >= 1.0 or float(torch.rand((), generator=generator)) < p
 
     def sample_points(self, clean_action: torch.Tensor, cond: torch.Tensor | None = None,
                       generator: torch.Generator | None = None):
@@ -509,11 +555,8 @@ class ContractionRegularizer:
         ``{"applied": 0.0}``) and otherwise divided by p, so its expectation equals the p = 1 loss.
         """
         p = self.config.apply_prob
-        if p < 1.0:
-            u = torch.rand((), generator=generator)
-            if float(u) >= p:
-                zero = clean_action.new_zeros(())
-                return zero, {"applied": 0.0}
+        if not self.draw_apply(generator):
+            return clean_action.new_zeros(()), {"applied": 0.0}
         a_t, t, c = self.sample_points(clean_action, cond, generator)
         loss, metrics = self(denoiser, a_t, t, c, generator=generator)
         if p < 1.0:

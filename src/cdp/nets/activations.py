@@ -36,6 +36,14 @@ def mish_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x * t, t + x * (1.0 - t * t) * (e / (1.0 + e))
 
 
+def mish_grad(x: torch.Tensor) -> torch.Tensor:
+    """mish'(x), elementwise; differentiable."""
+    e = torch.exp(x.clamp(max=_CLAMP))
+    n = e * (e + 2.0)
+    t = n / (n + 2.0)
+    return t + x * (1.0 - t * t) * (e / (1.0 + e))
+
+
 class Mish(nn.Module):
     """``nn.Mish`` replacement computed by :func:`mish` (no parameters; state dicts are unchanged)."""
 
