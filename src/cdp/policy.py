@@ -231,41 +231,55 @@ class DiffusionPolicy(nn.Module):
             noise = torch.randn(a0.shape, generator=generator, dtype=a0.dtype).to(a0.device)
         a_t = self.schedule.add_noise(a0, noise, k)
         t = k.to(a0.dtype) / T
-        reg = self.regularizer
-        active = reg is not None and reg.config.weight > 0
-        shared = (active and reg.config.share_forward and callable(getattr(self.net, "forward_and_jacobian", None))
-                  and reg.uses_exact(a0[0].numel(), self.net))
-        loss_c, mc = None, {}
-        if shared:  # one forward pass gives L_d's outputs and the regularised points' Jacobians
-            if reg.draw_apply(generator):
-                m = B if reg.config.max_samples is None else min(B, reg.config.max_samples)
-                if reg.covers_all_steps:  # the first m rows of the batch are i.i.d. regularisation points
-                    out, J = self.net.forward_and_jacobian(a_t, t, cond, m)
-                    t_c = t[:m]
-                else:  # m extra rows at the regulariser's steps, excluded from L_d
-                    a_c, t_c, cond_c = reg.sample_points(a0, cond, generator)
-                    m = a_c.shape[0]
-                    cc = None if cond is None else torch.cat([cond_c, cond])
-                    out_all, J = self.net.forward_and_jacobian(torch.cat([a_c, a_t]), torch.cat([t_c, t]), cc, m)
-                    out = out_all[m:]
-                loss_c, mc = reg.loss_from_jacobian(J, t_c)
-                if reg.config.apply_prob < 1.0:
-                    loss_c, mc = loss_c / reg.config.apply_prob, {**mc, "applied": 1.0}
-            else:
-                out, mc = self.net(a_t, t, cond), {"applied": 0.0}
-        else:
-            out = self.net(a_t, t, cond)
+        out, loss_c, mc = self.denoise_and_regularize(a0, a_t, t, cond, generator)
         target = noise if self.config.prediction == "epsilon" else a0
         loss_d = ((out - target) ** 2).mean()
         metrics = {"loss_d": float(loss_d.detach())}
-        loss = loss_d
-        if active and not shared:
-            loss_c, mc = reg.loss_from_clean(self.net, a0, cond, generator=generator)
-        if loss_c is not None:
-            loss = loss + loss_c
+        loss = loss_d if loss_c is None else loss_d + loss_c
         metrics.update({f"contraction/{key}": v for key, v in mc.items()})
         metrics["loss"] = float(loss.detach())
         return loss, metrics
+
+    def denoise_and_regularize(self, a0: torch.Tensor, a_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
+                               generator: torch.Generator | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """The network on the training points and, when configured, γ L_c — in one forward pass where possible.
+
+        Args:
+            a0: (B, *action_shape) normalised clean actions. a_t: (B, *action_shape) noisy actions at times t (B,).
+            cond: (B, Dc) or None. generator: RNG of the regulariser's draws.
+        Returns:
+            (network output like a_t, weighted contraction loss or None, its metrics). With ``share_forward`` and a
+            network that has ``forward_and_jacobian`` (MLP) and an exact loss, the Jacobians of the regularised points
+            come out of the same pass (see :class:`cdp.contraction.ContractionConfig`); otherwise the regulariser
+            runs separately (:meth:`cdp.contraction.ContractionRegularizer.loss_from_clean`).
+        """
+        reg = self.regularizer
+        if reg is None or reg.config.weight <= 0:
+            return self.net(a_t, t, cond), None, {}
+        shared = (reg.config.share_forward and callable(getattr(self.net, "forward_and_jacobian", None))
+                  and reg.uses_exact(a0[0].numel(), self.net))
+        if not shared:
+            out = self.net(a_t, t, cond)
+            loss_c, mc = reg.loss_from_clean(self.net, a0, cond, generator=generator)
+            return out, loss_c, mc
+        if not reg.draw_apply(generator):
+            return self.net(a_t, t, cond), None, {"applied": 0.0}
+        B = a0.shape[0]
+        m = B if reg.config.max_samples is None else min(B, reg.config.max_samples)
+        if reg.covers_all_steps:  # the first m rows of the batch are i.i.d. regularisation points
+            out, J = self.net.forward_and_jacobian(a_t, t, cond, m)
+            t_c = t[:m]
+        else:  # m extra rows at the regulariser's steps, excluded from the caller's loss
+            a_c, t_c, cond_c = reg.sample_points(a0, cond, generator)
+            m = a_c.shape[0]
+            cc = None if cond is None else torch.cat([cond_c, cond])
+            out_all, J = self.net.forward_and_jacobian(torch.cat([a_c, a_t]), torch.cat([t_c, t]), cc, m)
+            out = out_all[m:]
+        loss_c, mc = reg.loss_from_jacobian(J, t_c)
+        if reg.config.apply_prob < 1.0:
+            loss_c, mc = loss_c / reg.config.apply_prob, {**mc, "applied": 1.0}
+        return out, loss_c, mc
 
     # ------------------------------------------------------------------------------------------------ sampling
     def _sampler(self, name: str, num_inference_steps: int | None):

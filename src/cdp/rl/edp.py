@@ -177,17 +177,17 @@ class EDP:
         al, si = p.schedule.discrete_alpha_sigma(k, a0.dtype)
         al, si = al[:, None], si[:, None]
         a_k = al * a0 + si * eps
-        eps_hat = p.net(a_k, k.to(a0.dtype) / p.schedule.num_steps, cond)
+        eps_hat, loss_c, mc = p.denoise_and_regularize(a0, a_k, k.to(a0.dtype) / p.schedule.num_steps, cond,
+                                                       self.generator)  # + γ L_c (CDP), sharing the forward pass
         loss_d = ((eps_hat - eps) ** 2).mean()
         a0_hat = ((a_k - si * eps_hat) / al).clamp(-1.0, 1.0)  # action approximation
         q1, q2 = self.critic(cond, p.action_normalizer.unnormalize(a0_hat))
         loss_q = -q1.mean() / q2.abs().mean().detach()
         loss = loss_d + c.eta * loss_q
         metrics = {"loss_d": float(loss_d.detach()), "loss_q": float(loss_q.detach())}
-        if p.regularizer is not None and p.regularizer.config.weight > 0:
-            loss_c, m = p.regularizer.loss_from_clean(p.net, a0, cond, generator=self.generator)
+        if loss_c is not None:
             loss = loss + loss_c
-            metrics.update({f"contraction/{key}": v for key, v in m.items()})
+        metrics.update({f"contraction/{key}": v for key, v in mc.items()})
         metrics["actor_loss"] = float(loss.detach())
         return loss, metrics
 
