@@ -139,11 +139,13 @@ def run_rl(args) -> int:
         ev = evaluate_agent(agent, ds, args.eval_episodes)
         ev = {k: v for k, v in ev.items() if k != "returns"}
         run.log(res["step"], {k: v for k, v in ev.items() if isinstance(v, (int, float))}, prefix="eval/")
-    t_eval = time.perf_counter() - t2  # 0 when the last evaluation ran inside the loop (counted in train_s)
+    t_eval = time.perf_counter() - t2  # 0 when the last evaluation ran inside the loop (added below)
     diag = None
     if args.algo != "bc":
         diag = contraction_diagnostics(agent.ema.model, dataset_tensors(ds)["observations"], seed=args.seed)
         run.log(res["step"], diag, prefix="diagnostics/")
+    t_train -= res.get("eval_s", 0.0)  # periodic evaluations are counted as evaluation, not training
+    t_eval += res.get("eval_s", 0.0)
     timing = {"data_s": round(t_data, 1), "train_s": round(t_train, 1), "eval_s": round(t_eval, 1),
               "total_s": round(time.perf_counter() - t0, 1)}
     results = {"algo": args.algo, "env": ds.env_id, "fraction": args.fraction, "seed": args.seed, "steps": res["step"],

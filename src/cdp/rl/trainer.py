@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -139,7 +140,8 @@ def train_offline(agent, ds, config: RLTrainConfig, run: RunDir | None = None, r
         evaluate: ``evaluate(agent, step) -> dict`` for periodic evaluation (default: :func:`evaluate_agent`
             with ``config.eval_episodes``); called every ``eval_every`` steps when ``eval_every > 0``.
     Returns:
-        ``{"step", "evals": [{step, ...}], "last_metrics"}``.
+        ``{"step", "evals": [{step, ...}], "last_metrics", "eval_s"}`` (eval_s: seconds spent in periodic
+        evaluations during this call, so callers can report training time without them).
     Raises:
         ValueError: NaN/inf in the dataset. DivergenceError: a non-finite loss.
     """
@@ -176,6 +178,7 @@ def train_offline(agent, ds, config: RLTrainConfig, run: RunDir | None = None, r
             save_agent(ckpt, agent, step, {"dataset": ds.env_id, "n_transitions": N}, state)
 
     metrics: dict[str, float] = {}
+    eval_s = 0.0
     bar = tqdm(range(start, config.steps), desc=desc, disable=not config.progress, initial=start,
                total=config.steps, leave=False, dynamic_ncols=True)
     for step in bar:
@@ -190,7 +193,9 @@ def train_offline(agent, ds, config: RLTrainConfig, run: RunDir | None = None, r
                 run.log(done, metrics, prefix="train/")
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+            te = time.perf_counter()
             res = evaluate(agent, done)
+            eval_s += time.perf_counter() - te
             rec = {"step": done, **{k: v for k, v in res.items() if isinstance(v, (int, float)) and v is not None}}
             evals.append(rec)
             if run is not None:
@@ -203,4 +208,4 @@ def train_offline(agent, ds, config: RLTrainConfig, run: RunDir | None = None, r
     bar.close()
     if config.steps > start or (ckpt is not None and not ckpt.exists()):
         checkpoint(config.steps)
-    return {"step": max(start, config.steps), "evals": evals, "last_metrics": metrics}
+    return {"step": max(start, config.steps), "evals": evals, "last_metrics": metrics, "eval_s": eval_s}
