@@ -172,3 +172,58 @@ def test_time_embedding_cache_is_used_and_invalidated_by_training():
     from cdp.samplers import make_sampler, sample
     ref = sample(pol.net, make_sampler("ddim", pol.schedule, "epsilon", 1.0), noise, pol._cond(obs))
     assert torch.allclose(a3, pol.action_normalizer.unnormalize(ref.clamp(-1, 1)), atol=1e-6)
+
+
+def test_lr_schedule_closed_form_and_ema_power():
+    import math
+
+    from cdp.policy import EMA
+    from cdp.train import lr_at
+
+    c = TrainConfig(steps=1000, lr=1e-3, lr_schedule="cosine", lr_warmup_steps=100)
+    assert lr_at(0, c) == pytest.approx(1e-5) and lr_at(99, c) == pytest.approx(1e-3)
+    assert lr_at(100, c) == pytest.approx(1e-3) and lr_at(550, c) == pytest.approx(5e-4)
+    assert lr_at(999, c) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 899 / 900)))
+    assert lr_at(500, TrainConfig(lr=2e-4)) == 2e-4
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+    # EMA: Diffusion Policy's power schedule, decay_k = min(max, 1 - (1 + k)^-power)
+    lin = torch.nn.Linear(1, 1, bias=False)
+    ema = EMA(lin, 0.9999, power=0.75)
+    with torch.no_grad():
+        lin.weight.fill_(0.0)
+    ema.model.weight.data.fill_(1.0)
+    expected = 1.0
+    for k in range(5):
+        ema.update(lin)
+        expected *= max(0.0, 1 - (1 + k) ** -0.75)
+    assert float(ema.model.weight) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="power"):
+        EMA(lin, 0.99, power=0.0)
+
+
+def test_cosine_schedule_resume_equals_uninterrupted(tmp_path):
+    obs, act = data()
+    cfg = TrainConfig(steps=30, batch_size=32, progress=False, ckpt_every=10, log_every=5, lr=3e-3,
+                      lr_schedule="cosine", lr_warmup_steps=5)
+    ref = make(ema_power=0.75, ema_decay=0.999)
+    ref.fit_normalizers(obs, act)
+    init = {k: v.clone() for k, v in ref.state_dict().items()}
+    train_policy(ref, obs, act, cfg, run=RunDir(tmp_path / "a", tensorboard=False))
+
+    def die(step, *_):
+        if step == 25:
+            raise KeyboardInterrupt
+
+    part = make(ema_power=0.75, ema_decay=0.999)
+    part.load_state_dict(init)
+    run = RunDir(tmp_path / "b", tensorboard=False)
+    with pytest.raises(KeyboardInterrupt):
+        train_policy(part, obs, act, cfg, run=run, callback=die)  # killed at step 25; last checkpoint at 20
+    resumed = make(ema_power=0.75, ema_decay=0.999)
+    resumed.load_state_dict(init)
+    _, ema = train_policy(resumed, obs, act, cfg, run=run)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    lrs = [r["train/lr"] for r in run.read_metrics() if "train/lr" in r]
+    assert lrs[0] == pytest.approx(3e-3) and lrs[-1] < 1e-4  # warm-up done by step 5, decayed to ~0 at 30

@@ -25,7 +25,7 @@ _SEQ = {"unet_down_dims": int, "cdp_t_range": float}
 #: ILConfig fields whose default is None → value type
 _OPTIONAL = {"zarr": str, "fraction": float, "max_episodes": int, "grad_clip": float, "horizon": int,
              "n_obs_steps": int, "n_action_steps": int, "cdp_max_samples": int, "diag_obs": int,
-             "diag_samples": int}
+             "diag_samples": int, "ema_power": float}
 
 
 def _opt(tp):

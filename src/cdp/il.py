@@ -74,12 +74,15 @@ class ILConfig:
             fraction-1 run's demos for the same seed), see :func:`load_demos`.
         seed: seeds episode subsampling, initialisation, batches, evaluation sampling.
         steps / batch_size / lr / weight_decay / grad_clip / log_every / ckpt_every: optimisation
-            (DP: AdamW lr 1e-4, weight decay 1e-6, batch 256; no LR warm-up/cosine decay here).
+            (DP: AdamW lr 1e-4, weight decay 1e-6, batch 256).
+        lr_schedule / lr_warmup_steps: ``"constant"`` (default) or DP's ``"cosine"`` with 500 warm-up steps
+            (:func:`cdp.train.lr_at`).
         horizon / n_obs_steps / n_action_steps: override the preset's H / To / Ta (None: preset value).
         unet_down_dims / unet_time_embed_dim / unet_kernel_size: UNet size (CPU default (64, 128, 256), 64, 5).
         dit_d_model / dit_layers / dit_heads: DiT size. mlp_hidden / mlp_layers: MLP size (DBC).
         schedule / num_diffusion_steps / prediction: noise schedule (DP: cosine, T = 100, ε).
         ema_decay: EMA of the evaluation weights (DP uses up to 0.9999 over much longer runs).
+        ema_power: None (warm-up (1+k)/(10+k)) or DP's power schedule (0.75; ema_decay is then its maximum).
         eval_sampler / eval_inference_steps: sampler for evaluation and diagnostics' action samples.
         cdp_weight / cdp_margin / cdp_t_range / cdp_estimator / cdp_loss / cdp_max_samples: contraction settings
             of the ``cdp_*`` presets (γ = 0.1; ``auto`` = exact Jacobian for d ≤ 8, or d ≤ 32 for the closed-form
@@ -121,6 +124,9 @@ class ILConfig:
     num_diffusion_steps: int = 100
     prediction: str = "epsilon"
     ema_decay: float = 0.995
+    ema_power: float | None = None
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
     eval_sampler: str = "ddim"
     eval_inference_steps: int = 10
     cdp_weight: float = 0.1
@@ -182,7 +188,8 @@ class ILConfig:
     def train_config(self, progress: bool = True) -> TrainConfig:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                            grad_clip=self.grad_clip, log_every=self.log_every, ckpt_every=self.ckpt_every,
-                           seed=self.seed, progress=progress)
+                           seed=self.seed, progress=progress, lr_schedule=self.lr_schedule,
+                           lr_warmup_steps=self.lr_warmup_steps)
 
     def policy_config(self, obs_dim: int, action_dim: int) -> DiffusionPolicyConfig:
         """The :class:`DiffusionPolicyConfig` of this run for observations of dim ``obs_dim`` (PushT: 20)."""
@@ -205,7 +212,7 @@ class ILConfig:
             network_kwargs=kw, schedule={"name": self.schedule, "num_steps": self.num_diffusion_steps},
             prediction=self.prediction, sampler=self.eval_sampler, num_inference_steps=self.eval_inference_steps,
             clip_sample=1.0, obs_normalizer="minmax", action_normalizer="minmax", ema_decay=self.ema_decay,
-            contraction=contraction)
+            ema_power=self.ema_power, contraction=contraction)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

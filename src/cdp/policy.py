@@ -47,7 +47,9 @@ class DiffusionPolicyConfig:
             (None: all T).
         clip_sample: clip x̂0 to [-c, c] in normalised units while sampling (None: no clipping).
         obs_normalizer / action_normalizer: normaliser modes (see :mod:`cdp.normalization`).
-        ema_decay: EMA decay of the evaluation weights (0 disables EMA).
+        ema_decay: EMA decay of the evaluation weights (0 disables EMA); with ``ema_power`` its maximum.
+        ema_power: None (warm-up (1+k)/(10+k), Diffusion-QL/EDP) or Diffusion Policy's power schedule
+            (DP: 0.75 with ema_decay 0.9999); see :class:`EMA`.
         contraction: :class:`~cdp.contraction.ContractionConfig` fields, or None for a plain diffusion policy.
     """
 
@@ -66,6 +68,7 @@ class DiffusionPolicyConfig:
     obs_normalizer: str = "gaussian"
     action_normalizer: str = "minmax"
     ema_decay: float = 0.995
+    ema_power: float | None = None
     contraction: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -88,6 +91,8 @@ class DiffusionPolicyConfig:
             raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
         if not (0.0 <= self.ema_decay < 1.0):
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.ema_power is not None and not self.ema_power > 0:
+            raise ValueError(f"ema_power must be > 0 or None, got {self.ema_power}")
         sched = self.schedule_config()  # validates
         if self.num_inference_steps is not None and not (1 <= self.num_inference_steps <= sched.num_steps):
             raise ValueError(f"num_inference_steps must be in 1..{sched.num_steps}, got {self.num_inference_steps}")
@@ -138,11 +143,16 @@ def build_denoiser(config: DiffusionPolicyConfig) -> nn.Module:
 class EMA:
     """Exponential moving average of a module's parameters and buffers (evaluation weights).
 
-    decay_k = min(decay, (1 + k) / (10 + k)) at update k (the usual warm-up, as in Diffusion-QL / EDP).
+    At update k (0-based): decay_k = min(decay, (1 + k) / (10 + k)) — the usual warm-up, as in Diffusion-QL / EDP —
+    or, with ``power`` set, Diffusion Policy's schedule (its ``EMAModel``, inv_gamma = 1):
+    decay_k = min(decay, max(0, 1 − (1 + k)^(−power))), DP's power 0.75 with decay (its max_value) 0.9999.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, power: float | None = None) -> None:
+        if power is not None and not power > 0:
+            raise ValueError(f"EMA power must be > 0, got {power}")
         self.decay = decay
+        self.power = power
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -150,7 +160,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        k = self.num_updates
+        d = min(self.decay, (1 + k) / (10 + k) if self.power is None else max(0.0, 1.0 - (1.0 + k) ** -self.power))
         self.num_updates += 1
         for pe, p in zip(self.model.parameters(), model.parameters()):
             pe.mul_(d).add_(p.detach(), alpha=1 - d)

@@ -25,6 +25,24 @@ class DivergenceError(RuntimeError):
     """Raised when the training loss becomes NaN/inf."""
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_at(step: int, config: "TrainConfig") -> float:
+    """Learning rate for the update that follows ``step`` completed steps (0-based).
+
+    warm-up: lr · (step + 1) / W for step < W (W = ``lr_warmup_steps``; the first update is not at rate 0);
+    then ``constant``: lr; ``cosine``: lr · ½(1 + cos(π · (step − W) / (steps − W))).
+    """
+    w = config.lr_warmup_steps
+    if step < w:
+        return config.lr * (step + 1) / w
+    if config.lr_schedule == "constant":
+        return config.lr
+    span = max(1, config.steps - w)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - w) / span)))
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings.
@@ -33,6 +51,10 @@ class TrainConfig:
         steps: gradient steps. batch_size: samples per step. lr / weight_decay: AdamW.
         grad_clip: max gradient norm (None: off). log_every / ckpt_every: in steps (ckpt_every 0: only at the end).
         seed: seeds the batch/noise generator. progress: show a tqdm bar.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (Diffusion Policy: linear warm-up over ``lr_warmup_steps``, then
+            cosine decay to 0 at ``steps``, as diffusers' ``get_cosine_schedule_with_warmup``). The rate is a
+            function of the step index only, so resuming needs no scheduler state. See :func:`lr_at`.
+        lr_warmup_steps: linear warm-up steps (DP: 500); applies to both schedules.
     """
 
     steps: int = 1000
@@ -44,10 +66,16 @@ class TrainConfig:
     ckpt_every: int = 0
     seed: int = 0
     progress: bool = True
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.log_every < 1 or self.ckpt_every < 0:
             raise ValueError("steps >= 0, batch_size >= 1, log_every >= 1 and ckpt_every >= 0 are required")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; expected one of {LR_SCHEDULES}")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be positive, got {self.lr}")
 
@@ -77,7 +105,7 @@ def train_policy(policy: DiffusionPolicy, obs: torch.Tensor, actions: torch.Tens
     N = obs.shape[0]
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(policy.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    ema = EMA(policy, policy.config.ema_decay if policy.config.ema_decay > 0 else 0.0)
+    ema = EMA(policy, policy.config.ema_decay if policy.config.ema_decay > 0 else 0.0, policy.config.ema_power)
     start = 0
     ckpt = run.path / "checkpoints" / "last" if run is not None else None
     if resume and ckpt is not None and ckpt.exists():
@@ -105,6 +133,11 @@ def train_policy(policy: DiffusionPolicy, obs: torch.Tensor, actions: torch.Tens
             raise DivergenceError(f"loss became {float(loss)} at step {step}; last good checkpoint kept in {ckpt}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if config.lr_schedule != "constant" or config.lr_warmup_steps:
+            lr = lr_at(step, config)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            metrics["lr"] = lr
         if config.grad_clip is not None:
             gn = torch.nn.utils.clip_grad_norm_(policy.net.parameters(), config.grad_clip)
             metrics["grad_norm"] = float(gn)
