@@ -135,8 +135,9 @@ def test_cdp_rl_on_a_generated_hopper_dataset(tmp_path):
                                      tmp_path / "d", progress=False, log=lambda s: None)
     out = tmp_path / "run"
     rc = main(["rl", "--algo", "cdp", "--dataset", str(paths["medium-replay"]), "--steps", "3", "--eval-episodes", "2",
-               "--threads", "1", "--no-progress", "--out", str(out)])
+               "--eval-every", "3", "--threads", "1", "--no-progress", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["env"] == "Hopper-v5" and res["steps"] == 3
+    assert res["env"] == "Hopper-v5" and res["steps"] == 3 and res["success_rate"] is None
+    assert [e["step"] for e in res["evals"]] == [3]  # the in-loop evaluation is the reported one
     assert np.isfinite(res["normalized_score_mean"]) and res["contraction_diagnostics"]["n_states"] > 0

@@ -150,7 +150,7 @@ def run_rl(args) -> int:
               "total_s": round(time.perf_counter() - t0, 1)}
     results = {"algo": args.algo, "env": ds.env_id, "fraction": args.fraction, "seed": args.seed, "steps": res["step"],
                "normalized_score_mean": ev["normalized_score_mean"], "normalized_score_std": ev["normalized_score_std"],
-               "mean_return": ev["mean_return"], "success_rate": ev["success_rate"], "episodes": args.eval_episodes,
+               "mean_return": ev["mean_return"], "success_rate": ev.get("success_rate"), "episodes": args.eval_episodes,
                "evals": res["evals"], "contraction_diagnostics": diag, "timing": timing}
     run.write_json("results.json", results)
     run.close()
