@@ -360,51 +360,56 @@ class ScriptedPickPlace:
 # -------------------------------------------------------------------------------------------------------- evaluation
 def evaluate_robosuite(policy_fn: Callable[[np.ndarray], np.ndarray], task: str = "lift", n_episodes: int = 50,
                        seed_start: int = 100000, max_steps: int = HORIZON, n_obs_steps: int = 2,
-                       n_action_steps: int = 1, action_offset: int = 0, progress: bool = False) -> dict:
-    """Closed-loop success rate: ``n_episodes`` environments on seeds ``seed_start, seed_start+1, ...``.
+                       n_action_steps: int = 1, action_offset: int = 0, n_envs: int = 10,
+                       progress: bool = False) -> dict:
+    """Closed-loop success rate: ``n_episodes`` episodes on seeds ``seed_start, seed_start+1, ...``.
 
-    All episodes run side by side (one robosuite env each, stepped in turn) so the policy is queried once per
-    decision for the whole batch of still-running episodes. An episode ends at the first success (robomimic's
-    rollout convention) or after ``max_steps``.
+    Episodes run in groups of up to ``n_envs`` side by side (one robosuite env each, ~0.1 GB of memory, stepped in
+    turn), so the policy is queried once per decision for the whole group of still-running episodes. An episode
+    ends at the first success (robomimic's rollout convention) or after ``max_steps`` env steps. Results do not
+    depend on ``n_envs`` except through the policy's sampling noise (batched draws).
 
     Args:
         policy_fn: obs (B, To, Do) float32 → actions (B, H', 7); ``chunk[action_offset : action_offset+Ta]`` is
             executed (``Ta = n_action_steps``). Observation histories are padded with the first frame.
     Returns:
-        ``{"success_rate", "successes" (list of 0/1), "episode_lengths", "seeds", "env_steps", "task"}``.
+        ``{"task", "success_rate", "successes" (list of 0/1), "episode_lengths", "seeds", "env_steps"}``.
     Raises:
-        ValueError: bad counts. ImportError: robosuite missing.
+        ValueError: counts < 1 or a policy output of the wrong shape. ImportError: robosuite missing.
     """
-    if n_episodes < 1 or max_steps < 1 or n_obs_steps < 1 or n_action_steps < 1:
-        raise ValueError("n_episodes, max_steps, n_obs_steps and n_action_steps must be >= 1")
-    envs = [RobosuiteLowDim(task, horizon=max_steps) for _ in range(n_episodes)]
-    hist, done = [], np.zeros(n_episodes, bool)
+    if min(n_episodes, max_steps, n_obs_steps, n_action_steps, n_envs) < 1:
+        raise ValueError("n_episodes, max_steps, n_obs_steps, n_action_steps and n_envs must be >= 1")
     succ, lengths = np.zeros(n_episodes, int), np.zeros(n_episodes, int)
-    for i, e in enumerate(envs):
-        f = e.flat(e.reset(seed_start + i))
-        hist.append([f] * n_obs_steps)
+    envs = [RobosuiteLowDim(task, horizon=max_steps) for _ in range(min(n_envs, n_episodes))]
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=n_episodes, desc=f"eval {task}")
     steps = 0
-    while not done.all():
-        live = np.nonzero(~done)[0]
-        obs = np.stack([np.stack(hist[i][-n_obs_steps:]) for i in live]).astype(np.float32)
-        chunk = np.asarray(policy_fn(obs))[:, action_offset: action_offset + n_action_steps]
-        if chunk.ndim != 3 or chunk.shape[0] != len(live) or chunk.shape[2] != 7 or chunk.shape[1] < 1:
-            raise ValueError(f"policy_fn returned actions of shape {chunk.shape}; expected ({len(live)}, H, 7)")
-        for j, i in enumerate(live):
-            for a in chunk[j]:
-                o, _, d, info = envs[i].step(a)
-                steps += 1
-                hist[i].append(envs[i].flat(o))
-                hist[i] = hist[i][-n_obs_steps:]
-                if d:
-                    done[i], succ[i], lengths[i] = True, int(info["success"]), envs[i].t
-                    if bar is not None:
-                        bar.update(1)
-                    break
+    for g0 in range(0, n_episodes, len(envs)):
+        ids = list(range(g0, min(g0 + len(envs), n_episodes)))
+        hist, done = [], np.zeros(len(ids), bool)
+        for j, ep in enumerate(ids):
+            hist.append([envs[j].flat(envs[j].reset(seed_start + ep))] * n_obs_steps)
+        while not done.all():
+            live = np.nonzero(~done)[0]
+            obs = np.stack([np.stack(hist[j][-n_obs_steps:]) for j in live]).astype(np.float32)
+            chunk = np.asarray(policy_fn(obs))
+            if chunk.ndim != 3 or chunk.shape[0] != len(live) or chunk.shape[2] != 7:
+                raise ValueError(f"policy_fn returned actions of shape {chunk.shape}; expected ({len(live)}, H, 7)")
+            chunk = chunk[:, action_offset: action_offset + n_action_steps]
+            if chunk.shape[1] < 1:
+                raise ValueError(f"action_offset {action_offset} is outside the returned chunk")
+            for b, j in enumerate(live):
+                for a in chunk[b]:
+                    o, _, d, info = envs[j].step(a)
+                    steps += 1
+                    hist[j] = (hist[j] + [envs[j].flat(o)])[-n_obs_steps:]
+                    if d:
+                        done[j], succ[ids[j]], lengths[ids[j]] = True, int(info["success"]), envs[j].t
+                        if bar is not None:
+                            bar.update(1)
+                        break
     if bar is not None:
         bar.close()
     for e in envs:
@@ -412,4 +417,3 @@ def evaluate_robosuite(policy_fn: Callable[[np.ndarray], np.ndarray], task: str 
     return {"task": task, "success_rate": float(succ.mean()), "successes": succ.tolist(),
             "episode_lengths": lengths.tolist(), "seeds": list(range(seed_start, seed_start + n_episodes)),
             "env_steps": int(steps)}
-
