@@ -210,11 +210,21 @@ class RobosuiteLowDim:
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
         """Reset; with ``seed`` the object placement and the robot's initial-joint noise are reproducible.
 
-        robosuite draws both from the env's ``rng`` (a ``numpy.random.Generator`` shared with the placement sampler),
-        which is reseeded in place here."""
-        if seed is not None:
-            self.env.rng.bit_generator.state = np.random.default_rng(int(seed)).bit_generator.state
-        self._raw = self.env.reset()
+        robosuite 1.5.1 draws both from numpy's global ``np.random`` (1.5.2 from the env's ``rng``): both are seeded
+        with ``seed`` for the reset, and the global state is restored afterwards, so the caller's ``np.random``
+        stream is left as it was."""
+        if seed is None:
+            self._raw = self.env.reset()
+        else:
+            saved = np.random.get_state()
+            np.random.seed(int(seed))
+            rng = getattr(self.env, "rng", None)
+            if isinstance(rng, np.random.Generator):
+                rng.bit_generator.state = np.random.default_rng(int(seed)).bit_generator.state
+            try:
+                self._raw = self.env.reset()
+            finally:
+                np.random.set_state(saved)
         self.t = 0
         return self.obs()
 
