@@ -1,4 +1,4 @@
-"""``cdp data``: make D4RL-recipe offline-RL datasets here (no download).
+"""``cdp data``: make datasets here (no download): D4RL-recipe offline-RL data and scripted robosuite demos.
 
     cdp data mujoco --env Hopper-v5 --out data/hopper      # SAC → random / medium / medium-replay (hours; resumable)
     cdp data maze --env PointMaze_UMaze-v3 --out data/maze.hdf5   # maze2d recipe with the waypoint expert (minutes)
@@ -19,7 +19,7 @@ from pathlib import Path
 def add_data(sub) -> None:
     from .data.mujoco import KINDS, MujocoDataConfig
 
-    p = sub.add_parser("data", help="generate D4RL-recipe datasets (MuJoCo locomotion via SAC, PointMaze)",
+    p = sub.add_parser("data", help="generate datasets: D4RL-recipe MuJoCo locomotion (SAC) and PointMaze, scripted robosuite Lift / Can demos",
                        description=__doc__.split("\n\n")[0])
     dsub = p.add_subparsers(dest="data_command", required=True)
     m = dsub.add_parser("mujoco", help="Hopper / Walker2d / HalfCheetah via SAC (D4RL recipe, scaled; resumable)",

@@ -3,7 +3,8 @@
 Layout written (robomimic, github.com/ARISE-Initiative/robomimic, "Datasets" docs; read back with
 :func:`cdp.data.il.load_robomimic_hdf5`)::
 
-    data/                      attrs: env_args (JSON string: env_name, type=1 (robosuite), env_kwargs), total (int)
+    data/                      attrs: env_args (JSON string: env_name, type=1 (robosuite), env_kwargs), total (int),
+                               construction_seed (numpy seed the env was built with: fixes Lift's cube size)
         demo_<i>/              attrs: num_samples (int L), seed (reset seed of this demo)
             obs/<key>          (L, d) float64   key in cdp.envs.robosuite_tasks.OBS_KEYS
             next_obs/<key>     (L, d) float64   observation after actions[t]
@@ -99,7 +100,7 @@ def generate_robosuite_demos(task: str, n_demos: int, out: str | os.PathLike, se
                 bar.set_postfix(success_rate=f"{len(demos) / attempts:.2f}")
     if bar is not None:
         bar.close()
-    env_args = env.env_args
+    env_args, env_seed = env.env_args, env.construction_seed
     env.close()
     if len(demos) < n_demos:
         raise RuntimeError(f"only {len(demos)} of {n_demos} scripted {task} demos succeeded in {attempts} attempts "
@@ -130,6 +131,7 @@ def generate_robosuite_demos(task: str, n_demos: int, out: str | os.PathLike, se
                 total += L
             data.attrs["env_args"] = json.dumps(env_args)
             data.attrs["total"] = total
+            data.attrs["construction_seed"] = env_seed  # numpy seed the env model was built with (cube size)
             n_valid = len(names) // 10
             mask = f.create_group("mask")
             mask.create_dataset("train", data=np.array(names[: len(names) - n_valid], dtype="S"))

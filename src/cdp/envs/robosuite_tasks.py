@@ -149,6 +149,9 @@ class RobosuiteLowDim:
 
     Args:
         task: ``"lift"`` or ``"can"`` (:data:`TASKS`). horizon: steps before ``done`` (robomimic: 400).
+        construction_seed: seeds numpy's global RNG while the model is built (restored afterwards). robosuite
+            1.5.1 draws model-level randomness there, e.g. Lift's cube half-size, uniform in [0.020, 0.022] m per
+            axis, fixed for the env's lifetime; with the same seed every env instance gets the same cube.
     Attributes:
         env: the robosuite environment. obs_dim: 19 (Lift) / 23 (Can). action_dim: 7.
     Raises:
@@ -157,7 +160,7 @@ class RobosuiteLowDim:
 
     action_dim = 7
 
-    def __init__(self, task: str = "lift", horizon: int = HORIZON) -> None:
+    def __init__(self, task: str = "lift", horizon: int = HORIZON, construction_seed: int = 0) -> None:
         if task not in TASKS:
             raise ValueError(f"unknown robosuite task {task!r}; expected one of {sorted(TASKS)}")
         if int(horizon) < 1:
@@ -168,9 +171,15 @@ class RobosuiteLowDim:
         kw = dict(self.env_args["env_kwargs"])
         kw.pop("controller")
         kw["robots"] = "Panda"
-        self.env = suite.make(TASKS[task], controller_configs=_controller_config(), **kw)
+        self.construction_seed = int(construction_seed)
+        saved = np.random.get_state()
+        np.random.seed(self.construction_seed)
+        try:
+            self.env = suite.make(TASKS[task], controller_configs=_controller_config(), **kw)
+            self._raw = self.env.reset()
+        finally:
+            np.random.set_state(saved)
         self.t = 0
-        self._raw = self.env.reset()
         self.obs_dim = int(self.flat(self.obs()).shape[0])
 
     # ------------------------------------------------------------------------------------------------- obs
