@@ -1,10 +1,13 @@
-"""``cdp data``: make D4RL-recipe offline-RL datasets here (no download).
+"""``cdp data``: make datasets here (no download): D4RL-recipe offline-RL data and scripted robosuite demos.
 
     cdp data mujoco --env Hopper-v5 --out data/hopper      # SAC → random / medium / medium-replay (hours; resumable)
     cdp data maze --env PointMaze_UMaze-v3 --out data/maze.hdf5   # maze2d recipe with the waypoint expert (minutes)
+    cdp data lift --n-demos 200 --out data/lift.hdf5         # robosuite Lift, scripted expert, robomimic layout
+    cdp data can --n-demos 200 --out data/can.hdf5           # robosuite PickPlaceCan, same
 
-Files are D4RL-layout hdf5 (plus ``next_observations``) with ``env_id`` and reference scores as attributes; read them
-with ``cdp rl --dataset FILE`` or :func:`cdp.data.rl.load_d4rl_hdf5`.
+The mujoco / maze files are D4RL-layout hdf5 (plus ``next_observations``) with ``env_id`` and reference scores as attributes; read them
+with ``cdp rl --dataset FILE`` or :func:`cdp.data.rl.load_d4rl_hdf5`. The lift / can files are robomimic-layout
+hdf5 (:mod:`cdp.data.robosuite_demos`) for ``cdp train --task lift --hdf5 FILE``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 def add_data(sub) -> None:
     from .data.mujoco import KINDS, MujocoDataConfig
 
-    p = sub.add_parser("data", help="generate D4RL-recipe datasets (MuJoCo locomotion via SAC, PointMaze)",
+    p = sub.add_parser("data", help="generate datasets: D4RL-recipe MuJoCo locomotion (SAC) and PointMaze, scripted robosuite Lift / Can demos",
                        description=__doc__.split("\n\n")[0])
     dsub = p.add_subparsers(dest="data_command", required=True)
     m = dsub.add_parser("mujoco", help="Hopper / Walker2d / HalfCheetah via SAC (D4RL recipe, scaled; resumable)",
@@ -46,6 +49,20 @@ def add_data(sub) -> None:
     z.add_argument("--no-progress", action="store_true", help="hide progress bars")
     z.set_defaults(func=run_data_maze)
 
+    for task, env in (("lift", "Lift"), ("can", "PickPlaceCan")):
+        r = dsub.add_parser(task, help=f"robosuite {env} demos from a scripted expert (robomimic hdf5; needs robosuite)",
+                            description=f"Rolls out a waypoint expert on robosuite {env} (Panda, OSC_POSE, low-dim "
+                                        "robomimic observations), keeps the successful demos and writes them in "
+                                        "robomimic's hdf5 layout.")
+        r.add_argument("--out", required=True, help="output hdf5 file")
+        r.add_argument("--n-demos", type=int, default=200, help="successful demos to keep (default: 200)")
+        r.add_argument("--seed", type=int, default=0, help="attempt k resets with seed+k (default: 0)")
+        r.add_argument("--noise", type=float, default=0.05, help="expert action-noise std (default: 0.05)")
+        r.add_argument("--horizon", type=int, default=400, help="steps per attempt (default: 400, robomimic's)")
+        r.add_argument("--max-attempts", type=int, default=None, help="(default: 4 * n-demos + 10)")
+        r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        r.set_defaults(func=run_data_robosuite, task=task)
+
 
 def run_data_mujoco(args) -> int:
     from .cli import set_threads
@@ -67,4 +84,16 @@ def run_data_maze(args) -> int:
                                ref_episodes=args.ref_episodes, progress=not args.no_progress)
     print(f"wrote {out}: {len(ds)} transitions, {ds.n_trajectories} trajectories, "
           f"reference scores {ds.ref_min_score} / {ds.ref_max_score}")
+    return 0
+
+
+def run_data_robosuite(args) -> int:
+    from .data.robosuite_demos import generate_robosuite_demos
+
+    res = generate_robosuite_demos(args.task, args.n_demos, args.out, seed=args.seed, noise=args.noise,
+                                   horizon=args.horizon, max_attempts=args.max_attempts, progress=not args.no_progress)
+    print(f"scripted {args.task}: {res['demos']} successful demos in {res['attempts']} attempts "
+          f"(scripted success rate {res['success_rate']:.3f}), {res['total_steps']} steps "
+          f"(mean length {res['mean_length']:.1f}), {res['seconds']:.1f} s")
+    print(f"wrote {res['path']}")
     return 0

@@ -1,6 +1,7 @@
 """``cdp train`` and ``cdp eval``: the imitation-learning sub-commands (registered in :data:`cdp.cli.REGISTRY`).
 
     cdp train --task pusht --policy cdp_unet --fraction 0.1 --steps 2000 --seed 0 --out runs/x [--zarr PATH]
+    cdp train --task lift --hdf5 data/lift.hdf5 --max-episodes none --policy dbc --out runs/lift   # robosuite Lift
     cdp train --config il.yaml --steps 500 --out runs/x          # YAML file, command-line flags override it
     cdp train --out runs/x --steps 4000 --resume                 # continue runs/x from checkpoints/last
     cdp eval --checkpoint runs/x/checkpoints/last --episodes 50
@@ -23,7 +24,8 @@ import yaml
 #: ILConfig fields holding sequences (nargs="+") → element type
 _SEQ = {"unet_down_dims": int, "cdp_t_range": float}
 #: ILConfig fields whose default is None → value type
-_OPTIONAL = {"zarr": str, "fraction": float, "max_episodes": int, "grad_clip": float, "horizon": int,
+_OPTIONAL = {"zarr": str, "hdf5": str, "eval_max_steps": int, "fraction": float,
+             "max_episodes": int, "grad_clip": float, "horizon": int,
              "n_obs_steps": int, "n_action_steps": int, "cdp_max_samples": int, "diag_obs": int,
              "diag_samples": int, "ema_power": float}
 
@@ -43,10 +45,11 @@ def _field_defaults() -> dict:
 
 def add_train(sub) -> None:
     """Register ``cdp train``."""
-    from .il import PRESETS
+    from .il import PRESETS, TASKS
 
-    p = sub.add_parser("train", help="train (and evaluate) an imitation-learning policy on PushT",
-                       description="Loads the PushT replay buffer, trains the preset policy, evaluates the EMA "
+    p = sub.add_parser("train", help="train (and evaluate) an imitation-learning policy on PushT / Lift / Can",
+                       description="Loads the demonstrations (PushT replay buffer, or a robomimic hdf5 for "
+                                   "--task lift / can), trains the preset policy, evaluates the EMA "
                                    "policy closed loop and writes config.yaml, metrics.jsonl, tb/, "
                                    "checkpoints/last and results.json into --out.")
     p.add_argument("--out", required=True, help="run folder")
@@ -60,6 +63,8 @@ def add_train(sub) -> None:
             kw.update(nargs="+", type=_SEQ[name], help=f"(default: {' '.join(map(str, default))})")
         elif name in _OPTIONAL:
             kw.update(type=_opt(_OPTIONAL[name]), help=f"(default: {default}; 'none' allowed)")
+        elif name == "task":
+            kw.update(choices=list(TASKS), help=f"(default: {default})")
         elif name == "policy":
             kw.update(choices=sorted(PRESETS), help=f"preset (default: {default})")
         else:
@@ -115,12 +120,17 @@ def _run_train(args) -> int:
 
 def add_eval(sub) -> None:
     """Register ``cdp eval``."""
-    p = sub.add_parser("eval", help="evaluate a trained IL checkpoint on PushT",
-                       description="Loads the EMA weights of a checkpoint folder and runs closed-loop PushT episodes "
-                                   "(seeds seed-start, seed-start+1, ...).")
+    from .il import TASKS
+
+    p = sub.add_parser("eval", help="evaluate a trained IL checkpoint on PushT / Lift / Can",
+                       description="Loads the EMA weights of a checkpoint folder and runs closed-loop episodes "
+                                   "(seeds seed-start, seed-start+1, ...) of the run's task.")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/x/checkpoints/last")
     p.add_argument("--episodes", type=int, default=50, help="(default: 50)")
-    p.add_argument("--max-steps", type=int, default=300, help="env steps per episode (default: 300)")
+    p.add_argument("--task", default=None, choices=list(TASKS),
+                   help="(default: the task in the run's config.yaml, else pusht)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="env steps per episode (default: the task's, PushT 300, Lift / Can 400)")
     p.add_argument("--seed-start", type=int, default=100000, help="first env seed (default: 100000)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--sampler", default=None, choices=["ddpm", "ddim", "dpmsolver++"],
@@ -139,7 +149,7 @@ def _run_eval(args) -> int:
     if args.episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
     res = eval_checkpoint(args.checkpoint, args.episodes, args.max_steps, args.seed_start, args.seed, args.sampler,
-                          args.inference_steps)
+                          args.inference_steps, task=args.task)
     print(summary_line(res) + f" in {res['seconds']:.1f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

@@ -1,6 +1,10 @@
-"""Imitation-learning jobs on PushT: DP-UNet vs CDP-UNet, DBC vs CDP-DBC (and DiT variants).
+"""Imitation-learning jobs on PushT and robosuite Lift / Can: DP-UNet vs CDP-UNet, DBC vs CDP-DBC (and DiT variants).
 
-One job = load demonstrations (:func:`cdp.data.il.load_pusht_lowdim`, Diffusion Policy's 20-D low-dim layout),
+Tasks: ``pusht`` (Diffusion Policy's replay buffer, evaluated with gym-pusht) and ``lift`` / ``can`` (robomimic-layout
+hdf5, e.g. from ``cdp data lift``, with robomimic's low-dim keys :data:`cdp.envs.robosuite_tasks.OBS_KEYS`,
+evaluated as success rate in robosuite, see :func:`cdp.envs.robosuite_tasks.evaluate_robosuite`).
+
+One PushT job = load demonstrations (:func:`cdp.data.il.load_pusht_lowdim`, Diffusion Policy's 20-D low-dim layout),
 window them (:class:`cdp.data.il.SequenceWindows`), fit the policy's normalisers, train with
 :func:`cdp.train.train_policy` into a :class:`cdp.runs.RunDir`, evaluate the EMA policy closed loop with
 :func:`cdp.envs.pusht.evaluate_pusht`, compute contraction diagnostics on a few dataset observations and write
@@ -43,7 +47,8 @@ import numpy as np
 import torch
 import yaml
 
-from .data.il import SequenceWindows, default_pusht_zarr_path, load_pusht_lowdim, subsample_episodes
+from .data.il import (SequenceWindows, default_pusht_zarr_path, load_pusht_lowdim, load_robomimic_hdf5,
+                      subsample_episodes)
 from .policy import DiffusionPolicy, DiffusionPolicyConfig
 from .runs import RunDir, _plain, load_policy
 from .samplers import SAMPLERS
@@ -58,7 +63,11 @@ PRESETS: dict[str, tuple[str, int, int, int, bool]] = {
     "dbc": ("mlp", 1, 2, 1, False),
     "cdp_dbc": ("mlp", 1, 2, 1, True),
 }
-TASKS = ("pusht",)
+TASKS = ("pusht", "lift", "can")
+#: task → (action dim, default evaluation length in env steps): PushT 300 (DP's max_steps), robomimic's horizon 400
+TASK_SPECS: dict[str, tuple[int, int]] = {"pusht": (2, 300), "lift": (7, 400), "can": (7, 400)}
+#: task → robosuite env name expected in a robomimic file's ``env_args``
+ROBOSUITE_ENV_NAMES = {"lift": "Lift", "can": "PickPlaceCan"}
 
 
 @dataclass
@@ -66,12 +75,14 @@ class ILConfig:
     """Settings of one imitation-learning run (``cdp train``), validated on construction.
 
     Attributes:
-        task: ``"pusht"`` (only task so far). zarr: path of the replay buffer (None: ``$CDP_PUSHT_ZARR`` or
-            ``<repo>/../shared/data/pusht/pusht_cchi_v7_replay.zarr``).
+        task: ``"pusht"``, ``"lift"`` or ``"can"`` (:data:`TASKS`). zarr: PushT replay buffer (None:
+            ``$CDP_PUSHT_ZARR`` or ``<repo>/../shared/data/pusht/pusht_cchi_v7_replay.zarr``). hdf5: robomimic-layout
+            demos for ``lift`` / ``can`` (required there, e.g. from ``cdp data lift``; unused for PushT).
         policy: preset, one of :data:`PRESETS`.
         fraction: fraction of the training pool kept (None: all). The pool is ``max_episodes`` episodes (DP: 90)
             drawn with ``seed``; the fraction is taken of that pool (so 0.1 → 9 of 90 demos, a subset of the
-            fraction-1 run's demos for the same seed), see :func:`load_demos`.
+            fraction-1 run's demos for the same seed), see :func:`load_demos`. The cap of 90 applies to every
+            task: pass ``max_episodes=None`` (``--max-episodes none``) to train on all demos of a Lift file.
         seed: seeds episode subsampling, initialisation, batches, evaluation sampling.
         steps / batch_size / lr / weight_decay / grad_clip / log_every / ckpt_every: optimisation
             (DP: AdamW lr 1e-4, weight decay 1e-6, batch 256).
@@ -89,7 +100,8 @@ class ILConfig:
             MLP, else power iteration; d = H·Da). ``cdp_max_samples`` = 16 as :class:`~cdp.contraction.ContractionConfig`
             (regularise 16 random samples per batch); ``None`` regularises the whole batch. It used to default to
             None here, which silently overrode the library's default of 16 with "all" (16× the cost at batch 256).
-        eval_episodes / eval_max_steps / eval_seed_start: closed-loop evaluation (0 episodes: skip).
+        eval_episodes / eval_max_steps / eval_seed_start: closed-loop evaluation (0 episodes: skip);
+            ``eval_max_steps=None`` becomes the task's default on construction (PushT 300, Lift / Can 400).
         diag_obs / diag_samples: dataset observations and trajectories per observation for the contraction
             diagnostics (0: skip; None: 2 × 4 when d = H·Da ≤ 8, else 1 × 1). They use exact d×d Jacobians at every
             one of the T DDIM steps, twice (λ and the divergence bound): measured ~100 s per observation·sample for
@@ -98,6 +110,7 @@ class ILConfig:
 
     task: str = "pusht"
     zarr: str | None = None
+    hdf5: str | None = None
     policy: str = "cdp_unet"
     fraction: float | None = None
     max_episodes: int | None = 90
@@ -136,7 +149,7 @@ class ILConfig:
     cdp_loss: str = "hinge"
     cdp_max_samples: int | None = 16
     eval_episodes: int = 50
-    eval_max_steps: int = 300
+    eval_max_steps: int | None = None
     eval_seed_start: int = 100000
     diag_obs: int | None = None
     diag_samples: int | None = None
@@ -157,6 +170,8 @@ class ILConfig:
         for name in ("eval_episodes", "diag_obs", "diag_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_max_steps is None:
+            self.eval_max_steps = TASK_SPECS[self.task][1]
         if self.eval_max_steps < 1 or self.eval_inference_steps < 1:
             raise ValueError("eval_max_steps and eval_inference_steps must be >= 1")
         if self.eval_sampler not in SAMPLERS:
@@ -181,7 +196,7 @@ class ILConfig:
     def diag_sizes(self) -> tuple[int, int]:
         """(observations, samples per observation) of the contraction diagnostics after the ``None`` defaults."""
         _, H, _, _ = self.shape()
-        small = H * 2 <= 8  # PushT: Da = 2
+        small = H * TASK_SPECS[self.task][0] <= 8  # d = H·Da (PushT Da = 2, Lift/Can 7)
         return (self.diag_obs if self.diag_obs is not None else (2 if small else 1),
                 self.diag_samples if self.diag_samples is not None else (4 if small else 1))
 
@@ -265,16 +280,56 @@ def resolve_zarr(path: str | os.PathLike | None) -> str:
     return p
 
 
+def resolve_hdf5(path: str | os.PathLike | None, task: str = "lift") -> str:
+    """The robomimic hdf5 to use for a robosuite task; one clear FileNotFoundError when missing."""
+    if path is None:
+        raise FileNotFoundError(f"task {task!r} needs demonstrations: pass --hdf5 FILE "
+                                f"(make one with: cdp data {task} --n-demos 200 --out FILE)")
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"{task} demonstrations not found: {p} (make them with: cdp data {task} --out {p})")
+    return p
+
+
+def resolve_data(cfg: ILConfig) -> str:
+    """The demonstration path of ``cfg``: the PushT zarr (:func:`resolve_zarr`) or the hdf5 (:func:`resolve_hdf5`)."""
+    return resolve_zarr(cfg.zarr) if cfg.task == "pusht" else resolve_hdf5(cfg.hdf5, cfg.task)
+
+
+def load_robosuite_demos(path: str | os.PathLike, task: str = "lift"):
+    """Lift / Can demos from a robomimic hdf5 with the low-dim keys ``object, robot0_eef_pos, robot0_eef_quat,
+    robot0_gripper_qpos`` (19-D for Lift, 23-D for Can) and 7-D actions.
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: not a robomimic file / missing keys (from
+            :func:`~cdp.data.il.load_robomimic_hdf5`), ``env_args`` naming another environment, actions not 7-D.
+    """
+    from .envs.robosuite_tasks import OBS_KEYS
+
+    ds = load_robomimic_hdf5(path, OBS_KEYS)
+    env_name = (ds.meta.get("env_args") or {}).get("env_name")
+    if env_name is not None and env_name != ROBOSUITE_ENV_NAMES[task]:
+        raise ValueError(f"{path} holds {env_name!r} demos, but task {task!r} needs {ROBOSUITE_ENV_NAMES[task]!r}")
+    if ds.action_dim != 7:
+        raise ValueError(f"{path}: actions are {ds.action_dim}-D; robosuite OSC_POSE actions are 7-D")
+    return ds
+
+
 def load_demos(cfg: ILConfig, path: str | os.PathLike | None = None):
     """The training demos of ``cfg``: first the pool of at most ``max_episodes`` episodes (DP: 90, random with
     ``seed``), then ``fraction`` of that pool (``max(1, round(fraction · pool))``, again with ``seed``).
+    PushT reads the zarr (``path`` or ``cfg.zarr``), Lift / Can the robomimic hdf5 (``path`` or ``cfg.hdf5``).
 
     Fractions are therefore nested for a fixed seed and never degenerate: before, the fraction was applied to all
     206 episodes and then capped at 90, so ``fraction=0.1`` gave 21 demos (23 % of the 90-demo run) and every
     fraction ≥ 0.44 gave the same 90.
     """
-    ds = load_pusht_lowdim(resolve_zarr(path if path is not None else cfg.zarr), max_episodes=cfg.max_episodes,
-                           seed=cfg.seed)
+    if cfg.task == "pusht":
+        ds = load_pusht_lowdim(resolve_zarr(path if path is not None else cfg.zarr), max_episodes=cfg.max_episodes,
+                               seed=cfg.seed)
+    else:
+        ds = load_robosuite_demos(resolve_hdf5(path if path is not None else cfg.hdf5, cfg.task), cfg.task)
+        ds = subsample_episodes(ds, max_episodes=cfg.max_episodes, seed=cfg.seed)
     if cfg.fraction is not None and cfg.fraction < 1.0:
         ds = subsample_episodes(ds, fraction=cfg.fraction, seed=cfg.seed)
     return ds
@@ -298,14 +353,32 @@ def policy_fn_for(policy: DiffusionPolicy, seed: int, sampler: str | None = None
     return fn
 
 
-def evaluate_policy(policy: DiffusionPolicy, episodes: int, max_steps: int = 300, seed_start: int = 100000,
-                    seed: int = 0, sampler: str | None = None, num_inference_steps: int | None = None) -> dict:
-    """Closed-loop PushT evaluation of ``policy`` (use the EMA model); returns evaluate_pusht's dict plus
-    ``seconds``. Raises ImportError without gym-pusht."""
+def evaluate_policy(policy: DiffusionPolicy, episodes: int, max_steps: int | None = 300, seed_start: int = 100000,
+                    seed: int = 0, sampler: str | None = None, num_inference_steps: int | None = None,
+                    task: str = "pusht") -> dict:
+    """Closed-loop evaluation of ``policy`` (use the EMA model) on seeds ``seed_start, seed_start+1, ...``.
+
+    PushT: evaluate_pusht's dict; Lift / Can: :func:`~cdp.envs.robosuite_tasks.evaluate_robosuite`'s dict
+    (``success_rate`` = fraction of episodes where the env's ``_check_success()`` fired within ``max_steps``).
+    Both plus ``seconds``. ``max_steps=None``: the task default (300 / 400). Raises ImportError without gym-pusht /
+    robosuite, ValueError for an unknown task.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    c = policy.config
+    max_steps = TASK_SPECS[task][1] if max_steps is None else max_steps
+    t0 = time.time()
+    if task != "pusht":
+        from .envs.robosuite_tasks import evaluate_robosuite
+
+        res = evaluate_robosuite(policy_fn_for(policy, seed, sampler, num_inference_steps), task=task,
+                                 n_episodes=episodes, seed_start=seed_start, max_steps=max_steps,
+                                 n_obs_steps=c.n_obs_steps, n_action_steps=c.n_action_steps,
+                                 action_offset=action_offset_for(c))
+        res["seconds"] = time.time() - t0
+        return res
     from .envs.pusht import evaluate_pusht
 
-    c = policy.config
-    t0 = time.time()
     res = evaluate_pusht(policy_fn_for(policy, seed, sampler, num_inference_steps), n_episodes=episodes,
                          seed_start=seed_start, max_steps=max_steps, n_obs_steps=c.n_obs_steps,
                          n_action_steps=c.n_action_steps, action_offset=action_offset_for(c))
@@ -352,7 +425,11 @@ def _check_resume(run_path: Path, cfg: ILConfig) -> None:
 
 
 def summary_line(res: dict) -> str:
-    """One printable line: mean max-coverage, success rate (coverage > 0.95), DP score."""
+    """One printable line: PushT: mean max-coverage, success rate (coverage > 0.95), DP score; Lift / Can:
+    success rate over the episodes."""
+    if "mean_max_coverage" not in res:
+        n = len(res["successes"])
+        return f"success rate {res['success_rate']:.3f} ({int(sum(res['successes']))}/{n} episodes)"
     return (f"mean max-coverage {res['mean_max_coverage']:.3f}, success rate {res['success_rate']:.3f}, "
             f"DP score {res['mean_max_reward']:.3f} ({len(res['max_coverage'])} episodes)")
 
@@ -369,10 +446,11 @@ def run_il(cfg: ILConfig, out_dir: str | os.PathLike, resume: bool = False, prog
         ``train`` (seconds, sec_per_1k_steps, final losses), ``eval`` (evaluate_pusht's dict, or
         ``{"skipped": reason}``) and ``diagnostics`` (or ``{"skipped": reason}``).
     Raises:
-        FileNotFoundError: missing replay buffer. ValueError: bad config / resume mismatch.
+        FileNotFoundError: missing replay buffer / hdf5. ValueError: bad config / resume mismatch / wrong file.
     """
     out = Path(out_dir)
-    path = resolve_zarr(cfg.zarr)
+    path = resolve_data(cfg)
+    src_key = "zarr" if cfg.task == "pusht" else "hdf5"
     if resume:
         _check_resume(out, cfg)
     ds = load_demos(cfg, path)
@@ -380,7 +458,7 @@ def run_il(cfg: ILConfig, out_dir: str | os.PathLike, resume: bool = False, prog
     pol = DiffusionPolicy(cfg.policy_config(ds.obs_dim, ds.action_dim))
     obs, act = make_windows(ds, pol.config)
     pol.fit_normalizers(obs, act)
-    run = RunDir(out, config={"job": "il", "il": cfg.to_dict(), "policy": pol.config.to_dict(), "zarr": path})
+    run = RunDir(out, config={"job": "il", "il": cfg.to_dict(), "policy": pol.config.to_dict(), src_key: path})
     n_params = sum(p.numel() for p in pol.net.parameters())
     ckpt_meta = checkpoint_path(out) / "policy.json"
     done_before = int(json.loads(ckpt_meta.read_text())["step"]) if resume and ckpt_meta.exists() else 0
@@ -390,7 +468,7 @@ def run_il(cfg: ILConfig, out_dir: str | os.PathLike, resume: bool = False, prog
     last = [r for r in run.read_metrics() if "train/loss" in r]
     new_steps = max(cfg.steps - done_before, 0)
     results: dict[str, Any] = {
-        "config": cfg.to_dict(), "policy_config": pol.config.to_dict(), "zarr": path,
+        "config": cfg.to_dict(), "policy_config": pol.config.to_dict(), src_key: path,
         "data": {"episodes": ds.n_episodes, "steps": ds.n_steps, "windows": int(obs.shape[0]),
                  "episode_ids": None if ds.meta.get("episode_ids") is None else np.asarray(ds.meta["episode_ids"]).tolist()},
         "n_params": int(n_params),
@@ -403,10 +481,11 @@ def run_il(cfg: ILConfig, out_dir: str | os.PathLike, resume: bool = False, prog
     policy = ema.model.eval()
     if cfg.eval_episodes > 0:
         try:
-            ev = evaluate_policy(policy, cfg.eval_episodes, cfg.eval_max_steps, cfg.eval_seed_start, cfg.seed)
+            ev = evaluate_policy(policy, cfg.eval_episodes, cfg.eval_max_steps, cfg.eval_seed_start, cfg.seed,
+                                 task=cfg.task)
             results["eval"] = ev
-            run.log(cfg.steps, {k: ev[k] for k in ("mean_max_coverage", "success_rate", "mean_max_reward")},
-                    prefix="eval/")
+            keys = ("mean_max_coverage", "success_rate", "mean_max_reward") if cfg.task == "pusht" else ("success_rate",)
+            run.log(cfg.steps, {k: ev[k] for k in keys}, prefix="eval/")
         except ImportError as e:
             results["eval"] = {"skipped": str(e)}
     else:
@@ -426,15 +505,30 @@ def run_il(cfg: ILConfig, out_dir: str | os.PathLike, resume: bool = False, prog
     return results
 
 
-def eval_checkpoint(checkpoint: str | os.PathLike, episodes: int = 50, max_steps: int = 300,
-                    seed_start: int = 100000, seed: int = 0, sampler: str | None = None,
-                    num_inference_steps: int | None = None) -> dict:
-    """Load a checkpoint folder (EMA weights) and evaluate it on PushT (``cdp eval``).
+def task_of_checkpoint(checkpoint: str | os.PathLike) -> str:
+    """The IL task recorded in the run folder of ``<run>/checkpoints/<name>`` (``config.yaml``, ``il.task``);
+    ``"pusht"`` when there is no such file (older runs, bare checkpoints)."""
+    p = Path(checkpoint).resolve().parent.parent / "config.yaml"
+    if p.exists():
+        task = ((yaml.safe_load(p.read_text()) or {}).get("il") or {}).get("task")
+        if task in TASKS:
+            return task
+    return "pusht"
 
-    Sampler settings default to the ones stored in the checkpoint's policy config. Raises FileNotFoundError for a
-    missing / non-checkpoint folder, ImportError without gym-pusht.
+
+def eval_checkpoint(checkpoint: str | os.PathLike, episodes: int = 50, max_steps: int | None = None,
+                    seed_start: int = 100000, seed: int = 0, sampler: str | None = None,
+                    num_inference_steps: int | None = None, task: str | None = None) -> dict:
+    """Load a checkpoint folder (EMA weights) and evaluate it closed loop (``cdp eval``).
+
+    ``task=None``: the task of the run the checkpoint belongs to (:func:`task_of_checkpoint`, PushT if unknown);
+    ``max_steps=None``: the task's default (PushT 300, Lift / Can 400). Sampler settings default to the ones stored
+    in the checkpoint's policy config. Raises FileNotFoundError for a missing / non-checkpoint folder, ImportError
+    without gym-pusht / robosuite.
     """
     policy = load_policy(checkpoint, use_ema=True)
-    res = evaluate_policy(policy, episodes, max_steps, seed_start, seed, sampler, num_inference_steps)
+    task = task_of_checkpoint(checkpoint) if task is None else task
+    res = evaluate_policy(policy, episodes, max_steps, seed_start, seed, sampler, num_inference_steps, task=task)
     res["checkpoint"] = str(checkpoint)
+    res["task"] = task
     return res
