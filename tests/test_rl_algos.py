@@ -1,4 +1,5 @@
-"""Offline-RL algorithms (BC, EDP, CDP) and their trainer on a tiny synthetic dataset (CPU, seconds)."""
+"""Offline-RL algorithms (BC, EDP, CDP, Diffusion-QL, IDQL and their CDP variants) and their trainer on a tiny
+synthetic dataset (CPU, seconds)."""
 
 import math
 
@@ -7,17 +8,29 @@ import pytest
 import torch
 
 from cdp.data.rl import OfflineDataset
+from cdp.rl import ALGOS as REGISTERED
 from cdp.rl import make_agent
 from cdp.rl.trainer import RLTrainConfig, load_agent, save_agent, train_offline
 from cdp.runs import RunDir
 
-ALGOS = ["bc", "edp", "cdp"]
+ALGOS = list(REGISTERED)
+CONTRACTION = {"loss": "hinge", "weight": 0.1, "margin": 0.5}
 SMALL = {
     "bc": {"hidden_dims": [32, 32], "lr": 1e-3},
     "edp": {"hidden": 32, "n_layers": 2, "num_diffusion_steps": 10, "num_inference_steps": 3,
             "target_inference_steps": 2, "num_candidates": 4, "actor_lr": 1e-3, "critic_lr": 1e-3},
+    "dql": {"hidden": 32, "n_layers": 2, "num_diffusion_steps": 5, "num_candidates": 4, "backup_samples": 2,
+            "actor_lr": 1e-3, "critic_lr": 1e-3},
+    "idql": {"hidden": 32, "n_layers": 2, "critic_hidden": 32, "num_diffusion_steps": 5, "num_candidates": 4,
+             "actor_lr": 1e-3, "critic_lr": 1e-3, "value_lr": 1e-3},
 }
-SMALL["cdp"] = {**SMALL["edp"], "contraction": {"loss": "hinge", "weight": 0.1, "margin": 0.5}}
+SMALL["cdp"] = {**SMALL["edp"], "contraction": CONTRACTION}
+SMALL["cdp_dql"] = {**SMALL["dql"], "contraction": CONTRACTION}
+SMALL["cdp_idql"] = {**SMALL["idql"], "contraction": CONTRACTION}
+
+
+def test_every_registered_algo_is_tested():
+    assert set(SMALL) == set(REGISTERED)
 
 
 def tiny_dataset(n: int = 200, seed: int = 0) -> OfflineDataset:
@@ -70,9 +83,9 @@ def test_update_lowers_loss_on_fixed_batch(algo):
     assert all(math.isfinite(v) for v in m.values())
     for k in before:
         assert after[k] < before[k], (k, before[k], after[k])
-    if algo == "cdp":
+    if algo.startswith("cdp"):
         assert "contraction/loss_c" in m and "contraction/lambda_max_mean" in m
-    if algo == "edp":
+    else:
         assert not any(k.startswith("contraction/") for k in m)
 
 
@@ -82,6 +95,8 @@ def test_update_changes_every_actor_and_critic_parameter(algo):
     ag = agent_for(algo, ds)
     nets = {"policy": ag.policy} if algo == "bc" else {"actor": ag.policy.net, "critic": ag.critic,
                                                          "critic_target": ag.critic_target, "ema": ag.ema.model.net}
+    if hasattr(ag, "value"):
+        nets["value"] = ag.value
     before = {(n, k): v.detach().clone() for n, m in nets.items() for k, v in m.named_parameters()}
     ag.update(batch_of(ds))
     after = {(n, k): v for n, m in nets.items() for k, v in m.named_parameters()}
@@ -141,6 +156,8 @@ def test_cli_registers_rl():
     args = build_parser().parse_args(["rl", "--algo", "edp", "--fraction", "0.1", "--steps", "10", "--seed", "2"])
     assert args.command == "rl" and args.algo == "edp" and args.fraction == 0.1 and args.steps == 10
     assert args.func.__name__ == "run_rl"
+    for algo in REGISTERED:
+        assert build_parser().parse_args(["rl", "--algo", algo]).algo == algo
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
