@@ -6,7 +6,8 @@ A spec (``configs/experiments/*.yaml``)::
     name: rl_maze_cpu
     job: rl                         # rl (cdp rl) | il (cdp train) | toy (cdp toy)
     out: runs/bench/rl_maze_cpu     # root of the run folders (relative: to the current directory)
-    algos: [bc, edp, cdp]           # rl: --algo (bc edp cdp dql cdp_dql idql cdp_idql); il: --policy presets; toy: --variants (one variant per cell)
+    algos: [bc, edp, cdp]           # rl: --algo (also dql, cdp_dql, idql, cdp_idql); il: --policy presets;
+                                    # toy: --variants (one variant per cell)
     datasets: [PointMaze_UMaze-v3]  # rl: --env, or a D4RL name hopper-medium-replay (made by cdp data mujoco);
                                     # il: --task; toy: a label only (the 2-D four-mode mixture)
     fractions: [1.0, 0.1]           # --fraction (toy: 1.0 only)
