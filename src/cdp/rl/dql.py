@@ -8,7 +8,7 @@ Components (facts from the paper and its public code, ``Zhendong-Wang/Diffusion-
   Mish, the ``vp`` noise schedule with **T = 5** steps (discrete betas
   :math:`\beta_k = 1 - \exp(-\beta_{min}/T - (\beta_{max}-\beta_{min})(2k-1)/(2T^2))`, 0.1 / 10), ε-prediction,
   actions min-max normalised to [-1, 1], x̂0 clipped to [-1, 1] at every reverse step.
-* **Sampling** is the DDPM ancestral chain over all T steps (paper Eq. 1; Ho et al. 2020 Eq. 7): from
+* **Sampling** is the DDPM ancestral chain over all T steps (Ho et al. 2020, Eqs. 6–7): from
   :math:`a_T \sim \mathcal N(0, I)`,
 
   .. math:: a_{k-1} = \tilde\mu_k(a_k, \hat a_0) + \tilde\sigma_k z_k, \qquad
@@ -18,7 +18,7 @@ Components (facts from the paper and its public code, ``Zhendong-Wang/Diffusion-
   with the posterior mean :math:`\tilde\mu_k = \frac{\sqrt{\bar\alpha_{k-1}}\beta_k}{1-\bar\alpha_k}\hat a_0
   + \frac{\sqrt{1-\beta_k}(1-\bar\alpha_{k-1})}{1-\bar\alpha_k} a_k` and variance
   :math:`\tilde\sigma_k^2 = \beta_k(1-\bar\alpha_{k-1})/(1-\bar\alpha_k)` (:class:`cdp.samplers.DDPMSampler`).
-* **Actor loss** (paper Eq. 3, code ``Diffusion_QL.train``):
+* **Actor loss** (paper §3, code ``Diffusion_QL.train``):
 
   .. math:: L_\pi(\theta) = L_d(\theta) + \eta\,\Big(-\frac{\mathbb E_s\,Q_{\phi_i}(s, a_0^\theta)}
             {\operatorname{sg}\,\mathbb E_s\,|Q_{\phi_j}(s, a_0^\theta)|}\Big)\;[+\;\gamma L_c],
