@@ -1,4 +1,5 @@
-"""Offline-RL algorithms (BC, EDP, CDP) and their trainer on a tiny synthetic dataset (CPU, seconds)."""
+"""Offline-RL algorithms (BC, EDP, CDP, Diffusion-QL, IDQL and their CDP variants) and their trainer on a tiny
+synthetic dataset (CPU, seconds)."""
 
 import math
 
@@ -7,17 +8,29 @@ import pytest
 import torch
 
 from cdp.data.rl import OfflineDataset
+from cdp.rl import ALGOS as REGISTERED
 from cdp.rl import make_agent
 from cdp.rl.trainer import RLTrainConfig, load_agent, save_agent, train_offline
 from cdp.runs import RunDir
 
-ALGOS = ["bc", "edp", "cdp"]
+ALGOS = list(REGISTERED)
+CONTRACTION = {"loss": "hinge", "weight": 0.1, "margin": 0.5}
 SMALL = {
     "bc": {"hidden_dims": [32, 32], "lr": 1e-3},
     "edp": {"hidden": 32, "n_layers": 2, "num_diffusion_steps": 10, "num_inference_steps": 3,
             "target_inference_steps": 2, "num_candidates": 4, "actor_lr": 1e-3, "critic_lr": 1e-3},
+    "dql": {"hidden": 32, "n_layers": 2, "num_diffusion_steps": 5, "num_candidates": 4, "backup_samples": 2,
+            "actor_lr": 1e-3, "critic_lr": 1e-3},
+    "idql": {"hidden": 32, "n_layers": 2, "critic_hidden": 32, "num_diffusion_steps": 5, "num_candidates": 4,
+             "actor_lr": 1e-3, "critic_lr": 1e-3, "value_lr": 1e-3},
 }
-SMALL["cdp"] = {**SMALL["edp"], "contraction": {"loss": "hinge", "weight": 0.1, "margin": 0.5}}
+SMALL["cdp"] = {**SMALL["edp"], "contraction": CONTRACTION}
+SMALL["cdp_dql"] = {**SMALL["dql"], "contraction": CONTRACTION}
+SMALL["cdp_idql"] = {**SMALL["idql"], "contraction": CONTRACTION}
+
+
+def test_every_registered_algo_is_tested():
+    assert set(SMALL) == set(REGISTERED)
 
 
 def tiny_dataset(n: int = 200, seed: int = 0) -> OfflineDataset:
@@ -70,9 +83,9 @@ def test_update_lowers_loss_on_fixed_batch(algo):
     assert all(math.isfinite(v) for v in m.values())
     for k in before:
         assert after[k] < before[k], (k, before[k], after[k])
-    if algo == "cdp":
+    if algo.startswith("cdp"):
         assert "contraction/loss_c" in m and "contraction/lambda_max_mean" in m
-    if algo == "edp":
+    else:
         assert not any(k.startswith("contraction/") for k in m)
 
 
@@ -82,6 +95,8 @@ def test_update_changes_every_actor_and_critic_parameter(algo):
     ag = agent_for(algo, ds)
     nets = {"policy": ag.policy} if algo == "bc" else {"actor": ag.policy.net, "critic": ag.critic,
                                                          "critic_target": ag.critic_target, "ema": ag.ema.model.net}
+    if hasattr(ag, "value"):
+        nets["value"] = ag.value
     before = {(n, k): v.detach().clone() for n, m in nets.items() for k, v in m.named_parameters()}
     ag.update(batch_of(ds))
     after = {(n, k): v for n, m in nets.items() for k, v in m.named_parameters()}
@@ -141,6 +156,8 @@ def test_cli_registers_rl():
     args = build_parser().parse_args(["rl", "--algo", "edp", "--fraction", "0.1", "--steps", "10", "--seed", "2"])
     assert args.command == "rl" and args.algo == "edp" and args.fraction == 0.1 and args.steps == 10
     assert args.func.__name__ == "run_rl"
+    for algo in REGISTERED:
+        assert build_parser().parse_args(["rl", "--algo", algo]).algo == algo
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
@@ -149,3 +166,180 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     train_offline(make_agent("bc", 3, 2, dict(SMALL["bc"])), ds, cfg, RunDir(tmp_path, tensorboard=False))
     with pytest.raises(ValueError, match="holds a different run"):
         train_offline(make_agent("edp", 3, 2, dict(SMALL["edp"])), ds, cfg, RunDir(tmp_path, tensorboard=False))
+
+
+# ------------------------------------------------------------------------------------------------ Diffusion-QL
+def test_dql_chain_equals_handwritten_ddpm_loop():
+    """sample_chain = Diffusion-QL's p_sample_loop written out (posterior coefficients from the betas), same noise."""
+    ds = tiny_dataset()
+    ag = agent_for("dql", ds)
+    p, T, B = ag.policy, ag.config.num_diffusion_steps, 6
+    cond = p._cond(torch.as_tensor(ds.observations[:B]))
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(B, 2, generator=g)
+    noises = [torch.randn(B, 2, generator=g) for _ in range(T)]
+    with torch.no_grad():
+        got = ag.sample_chain(cond, noise, noises)
+
+        betas = p.schedule.betas.float()
+        alphas = 1 - betas
+        abar = torch.cumprod(alphas, 0)
+        abar_prev = torch.cat([torch.ones(1), abar[:-1]])
+        coef1 = betas * abar_prev.sqrt() / (1 - abar)
+        coef2 = (1 - abar_prev) * alphas.sqrt() / (1 - abar)
+        var = betas * (1 - abar_prev) / (1 - abar)
+        x = noise
+        for i in reversed(range(T)):  # i = k - 1
+            eps = p.net(x, torch.full((B,), (i + 1) / T), cond)
+            x0 = ((1 / abar[i]).sqrt() * x - (1 / abar[i] - 1).sqrt() * eps).clamp(-1, 1)
+            mean = coef1[i] * x0 + coef2[i] * x
+            x = mean + var[i].sqrt() * noises[T - 1 - i] if i > 0 else mean
+        want = x.clamp(-1, 1)
+    assert got.shape == (B, 2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_dql_q_term_gradient_flows_through_the_whole_chain():
+    """With L_d weighted 0 (the Q term alone) every denoiser parameter gets a gradient, and a_0 depends on a_T."""
+    ds = tiny_dataset()
+    ag = agent_for("dql", ds)
+    for _ in range(2):
+        ag.update(batch_of(ds))
+    cond = ag.policy._cond(torch.as_tensor(ds.observations[:32]))
+    ag.policy.net.zero_grad(set_to_none=True)
+    ag.q_term(cond).backward()
+    missing = [n for n, q in ag.policy.net.named_parameters() if q.grad is None or not q.grad.abs().sum() > 0]
+    assert not missing, f"no Q-term gradient reaches {missing}"
+    noise = torch.randn(32, 2, requires_grad=True)
+    ag.sample_chain(cond.detach(), noise).sum().backward()
+    assert noise.grad is not None and noise.grad.abs().sum() > 0  # back-propagated through all T steps to a_T
+    # the actor samples by the full T-step DDPM chain (no action approximation, no skipped steps)
+    assert ag.config.num_inference_steps == ag.config.num_diffusion_steps == 5 and ag.policy.config.sampler == "ddpm"
+
+
+def test_dql_config_and_hparams():
+    from cdp.rl import DQL_HPARAMS, DQLConfig, dql_overrides, make_config
+
+    c = DQLConfig()
+    assert (c.num_diffusion_steps, c.num_inference_steps, c.target_inference_steps, c.num_candidates) == (5, 5, 5, 50)
+    assert DQLConfig(**c.to_dict()) == c  # round trip (checkpoint reload)
+    assert dql_overrides("hopper-medium-replay-v2") == {"actor_lr": 3e-4, "eta": 1.0, "max_q_backup": False,
+                                                         "grad_clip": 4.0}
+    assert DQL_HPARAMS["walker2d-medium-replay"]["grad_clip"] == 4.0
+    assert DQL_HPARAMS["halfcheetah-medium-replay"]["grad_clip"] == 2.0
+    assert make_config("cdp_dql").contraction["weight"] == 0.1 and make_config("dql").contraction is None
+    with pytest.raises(ValueError, match="no Diffusion-QL hyper-parameters"):
+        dql_overrides("pointmaze")
+    with pytest.raises(ValueError, match="backup_samples"):
+        DQLConfig(backup_samples=0)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        DQLConfig(num_inference_steps=6)
+    with pytest.raises(ValueError, match="needs a contraction"):
+        make_config("cdp_dql", {"contraction": None})
+    with pytest.raises(ValueError, match="takes a DQLConfig"):
+        make_agent("dql", 3, 2, make_config("edp"))
+
+
+def test_dql_max_q_backup_is_min_over_critics_of_max_over_samples():
+    ds = tiny_dataset()
+    ag = make_agent("dql", 3, 2, {**SMALL["dql"], "max_q_backup": True, "backup_samples": 3})
+    ag.fit_normalizers(torch.as_tensor(ds.observations), torch.as_tensor(ds.actions))
+    b = batch_of(ds, 8)
+    ag.generator.manual_seed(4)
+    _, m = ag.critic_loss(b)
+    ag.generator.manual_seed(4)
+    with torch.no_grad():
+        nobs, na = ag._sample(ag.ema.model, b["next_observations"], 3, ag.config.target_inference_steps)
+        t1, t2 = ag.critic_target(ag._obs(nobs), na)
+        q = torch.minimum(t1.view(8, 3).max(1).values, t2.view(8, 3).max(1).values)
+    want = b["rewards"] + 0.99 * (1 - b["terminals"]) * q
+    assert m["target_q_mean"] == pytest.approx(float(want.mean()), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ IDQL
+def test_idql_expectile_loss_by_hand():
+    from cdp.rl.idql import expectile_loss
+
+    u = torch.tensor([-2.0, 1.0, 0.5, 0.0])
+    # |τ − 1(u<0)| u² with τ = 0.7: 0.3·4 + 0.7·1 + 0.7·0.25 + 0 = 2.075, mean over 4
+    assert float(expectile_loss(u, 0.7)) == pytest.approx(2.075 / 4, abs=1e-7)
+    assert float(expectile_loss(u, 0.5)) == pytest.approx(0.5 * (4 + 1 + 0.25) / 4, abs=1e-7)  # τ = ½: half the MSE
+
+
+def test_idql_value_and_q_losses_match_the_formulas():
+    from cdp.rl.idql import expectile_loss
+
+    ds = tiny_dataset()
+    ag = agent_for("idql", ds)
+    b = batch_of(ds, 16)
+    with torch.no_grad():
+        s, s2 = ag._obs(b["observations"]), ag._obs(b["next_observations"])
+        q1t, q2t = ag.critic_target(s, b["actions"])
+        v = ag.value(s).squeeze(-1)
+        u = torch.minimum(q1t, q2t) - v
+        want_v = (torch.where(u < 0, 0.3, 0.7) * u**2).mean()
+        y = b["rewards"] + 0.99 * (1 - b["terminals"]) * ag.value(s2).squeeze(-1)
+        q1, q2 = ag.critic(s, b["actions"])
+        want_q = 0.5 * (((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean())
+        lv, _ = ag.value_loss(b)
+        lq, _ = ag.q_loss(b)
+    assert float(lv) == pytest.approx(float(want_v), rel=1e-6)
+    assert float(lv) == pytest.approx(float(expectile_loss(u, 0.7)), rel=1e-6)
+    assert float(lq) == pytest.approx(float(want_q), rel=1e-6)
+
+
+def test_idql_implicit_weights_by_hand():
+    from cdp.rl.idql import implicit_weights
+
+    adv = torch.tensor([[-0.5, 0.2, 1.0, -2.0]])
+    w = implicit_weights(adv, 0.7, "expectile")
+    torch.testing.assert_close(w, torch.tensor([[0.3 / 0.5, 0.7 / 0.2, 0.7 / 1.0, 0.3 / 2.0]]))
+    torch.testing.assert_close(implicit_weights(adv, 0.7, "expectile_simple"), torch.tensor([[0.3, 0.7, 0.7, 0.3]]))
+    assert float(implicit_weights(torch.tensor([0.0]), 0.7, "expectile", adv_floor=1e-3)) == pytest.approx(700.0)
+    with pytest.raises(ValueError, match="kind"):
+        implicit_weights(adv, 0.7, "softmax")
+
+
+@pytest.mark.parametrize("selection", ["expectile", "expectile_simple", "argmax"])
+def test_idql_act_resamples_with_the_formula_weights(selection):
+    """act = N EMA samples, weights from min Q' and V by the formula, one multinomial (or argmax) draw."""
+    ds = tiny_dataset()
+    ag = make_agent("idql", 3, 2, {**SMALL["idql"], "selection": selection, "num_candidates": 5})
+    ag.fit_normalizers(torch.as_tensor(ds.observations), torch.as_tensor(ds.actions))
+    for _ in range(3):
+        ag.update(batch_of(ds))
+    obs = torch.as_tensor(ds.observations[:7])
+    got = ag.act(obs, generator=torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        a = ag.ema.model.sample(obs.repeat_interleave(5, 0), generator=g)
+        q = ag.critic_target.q_min(ag._obs(obs.repeat_interleave(5, 0)), a).view(7, 5)
+        adv = q - ag.value(ag._obs(obs)).view(7, 1)
+        tw = torch.where(adv < 0, 0.3, 0.7)
+        if selection == "argmax":
+            idx = q.argmax(1)
+        else:
+            w = tw / adv.abs().clamp_min(1e-6) if selection == "expectile" else tw
+            torch.testing.assert_close(ag.candidate_weights(obs, a.view(7, 5, 2)), w)
+            idx = torch.multinomial(w / w.sum(1, keepdim=True), 1, generator=g).squeeze(1)
+    assert torch.equal(got, a.view(7, 5, 2)[torch.arange(7), idx])
+
+
+def test_idql_actor_is_plain_bc_and_cdp_adds_contraction():
+    ds = tiny_dataset()
+    b = batch_of(ds, 32)
+    plain, reg = agent_for("idql", ds), agent_for("cdp_idql", ds)
+    reg.policy.load_state_dict(plain.policy.state_dict())
+    plain.generator.manual_seed(2)
+    lp, mp = plain.actor_loss(b)
+    plain.generator.manual_seed(2)
+    ld, _ = plain.policy.compute_loss(b["observations"], b["actions"], generator=plain.generator)
+    assert float(lp) == float(ld) == mp["loss_d"]  # L_d only: no critic in the actor loss
+    reg.generator.manual_seed(2)
+    lr_, mr = reg.actor_loss(b)
+    assert "contraction/loss_c" in mr and mr["loss_d"] == pytest.approx(mp["loss_d"], rel=1e-6)
+    assert float(lr_) == pytest.approx(mr["loss_d"] + 0.1 * mr["contraction/loss_c"], rel=1e-5)  # L_d + γ L_c
+    from cdp.rl import IDQLConfig
+    for bad in ({"expectile": 1.0}, {"selection": "softmax"}, {"value_lr": 0.0}, {"adv_floor": 0.0}):
+        with pytest.raises(ValueError):
+            IDQLConfig(**bad)

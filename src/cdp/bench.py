@@ -6,7 +6,8 @@ A spec (``configs/experiments/*.yaml``)::
     name: rl_maze_cpu
     job: rl                         # rl (cdp rl) | il (cdp train) | toy (cdp toy)
     out: runs/bench/rl_maze_cpu     # root of the run folders (relative: to the current directory)
-    algos: [bc, edp, cdp]           # rl: --algo; il: --policy presets; toy: --variants (one variant per cell)
+    algos: [bc, edp, cdp]           # rl: --algo (also dql, cdp_dql, idql, cdp_idql); il: --policy presets;
+                                    # toy: --variants (one variant per cell)
     datasets: [PointMaze_UMaze-v3]  # rl: --env, or a D4RL name hopper-medium-replay (made by cdp data mujoco);
                                     # il: --task; toy: a label only (the 2-D four-mode mixture)
     fractions: [1.0, 0.1]           # --fraction (toy: 1.0 only)
@@ -52,8 +53,8 @@ DATASET_FLAG = {"rl": "--env", "il": "--task", "toy": None}
 MAIN_METRIC = {"rl": ("normalized score", True), "il": ("mean max-coverage", True), "toy": ("off-support", False)}
 #: flags fixed by the grid: not allowed in ``overrides``
 GRID_FLAGS = {"out", "seed", "fraction", "algo", "policy", "variants", "env", "task", "resume", "config"}
-DEFAULT_BASELINES = {"cdp": "edp", "cdp_dbc": "dbc", "cdp_unet": "dp_unet", "cdp_dit": "dp_dit", "cdp_all": "standard",
-                     "cdp_low10": "standard"}
+DEFAULT_BASELINES = {"cdp": "edp", "cdp_dql": "dql", "cdp_idql": "idql", "cdp_dbc": "dbc", "cdp_unet": "dp_unet",
+                     "cdp_dit": "dp_dit", "cdp_all": "standard", "cdp_low10": "standard"}
 SPEC_KEYS = {"name", "job", "out", "algos", "datasets", "fractions", "seeds", "overrides", "baselines", "workers",
              "description", "shared_dataset", "algo_overrides", "data"}
 #: rl dataset names made by ``cdp data mujoco``: <robot>-<kind> → env Hopper-v5 etc.
@@ -132,7 +133,8 @@ def _sub_parser(job: str):
 
 def _valid_algos(job: str) -> set[str]:
     if job == "rl":
-        return {"bc", "edp", "cdp"}
+        from .rl import ALGOS
+        return set(ALGOS)
     if job == "il":
         from .il import PRESETS
         return set(PRESETS)

@@ -3,7 +3,7 @@
     cdp toy    [--out DIR] [--steps N] ...    the 2-D four-mode study (standard vs contractive)
     cdp train  --task pusht --policy ...      imitation learning on PushT (Diffusion Policy / diffusion BC, +CDP)
     cdp eval   --checkpoint DIR               evaluate an imitation-learning checkpoint in gym-pusht
-    cdp rl     [--algo bc|edp|cdp] ...        offline RL on a generated PointMaze dataset
+    cdp rl     [--algo bc|edp|cdp|dql|idql|...]  offline RL on a generated PointMaze dataset
     cdp bench  SPEC.yaml [--workers N]         an experiment grid on Ray, aggregated over seeds
     cdp data   mujoco|maze --out ...          make D4RL-recipe datasets (SAC for Hopper/Walker2d/HalfCheetah)
 """

@@ -1,7 +1,9 @@
-"""``cdp rl``: offline RL on a D4RL-layout dataset — BC, EDP or CDP (EDP + contraction), evaluated in MuJoCo.
+"""``cdp rl``: offline RL on a D4RL-layout dataset — BC, EDP, Diffusion-QL, IDQL, or CDP (contraction) on EDP /
+Diffusion-QL / IDQL, evaluated in MuJoCo.
 
     cdp rl                                   # CDP on a generated PointMaze UMaze dataset (no download)
     cdp rl --algo edp --fraction 0.1         # EDP in the 10%-data regime
+    cdp rl --algo idql --steps 200           # IDQL (cdp_idql: + contraction); dql / cdp_dql: Diffusion-QL
     cdp rl --algo bc --steps 2000 --out runs/rl_bc
     cdp rl --dataset maze.hdf5               # any D4RL-layout hdf5 for a PointMaze env
     cdp rl --dataset data/hopper/hopper-medium-replay-v5.hdf5   # from `cdp data mujoco` (or a D4RL file + --env)
@@ -23,9 +25,12 @@ DEFAULT_ENV = "PointMaze_UMaze-v3"
 
 
 def add_rl(sub) -> None:
-    p = sub.add_parser("rl", help="offline RL (BC / EDP / CDP) on PointMaze (generated) or a D4RL-layout dataset",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--algo", choices=("bc", "edp", "cdp"), default="cdp", help="(default: cdp)")
+    from .rl import ALGOS
+
+    p = sub.add_parser("rl", help="offline RL (BC / EDP / DQL / IDQL / CDP) on PointMaze (generated) or a D4RL-layout "
+                                  "dataset", description=__doc__.split("\n\n")[0])
+    p.add_argument("--algo", choices=ALGOS, default="cdp",
+                   help="cdp = EDP + contraction, cdp_dql / cdp_idql = Diffusion-QL / IDQL + contraction (default: cdp)")
     p.add_argument("--out", default="runs/rl", help="run folder; re-using it resumes (default: runs/rl)")
     p.add_argument("--env", default=None,
                    help=f"env id: the PointMaze env to generate for (default: {DEFAULT_ENV}), or the evaluation env of "
@@ -43,9 +48,9 @@ def add_rl(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="(default: 256)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: 0 = only at the end)")
     p.add_argument("--eval-episodes", type=int, default=10, help="simulator episodes per evaluation (default: 10)")
-    p.add_argument("--diffusion-steps", type=int, default=None, help="T of the vp schedule (edp/cdp; default: 100)")
-    p.add_argument("--eta", type=float, default=None, help="weight of the normalised Q term (edp/cdp; default: 1)")
-    p.add_argument("--gamma", type=float, default=None, help="contraction weight γ (cdp; default: 0.1)")
+    p.add_argument("--diffusion-steps", type=int, default=None, help="T of the vp schedule (diffusion algos; default: 100 for edp/cdp, 5 for dql/idql)")
+    p.add_argument("--eta", type=float, default=None, help="weight η of the normalised Q term (edp/cdp/dql/cdp_dql; default: 1)")
+    p.add_argument("--gamma", type=float, default=None, help="contraction weight γ (cdp, cdp_dql, cdp_idql; default: 0.1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(2, cores))")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run_rl)
@@ -109,13 +114,15 @@ def run_rl(args) -> int:
         if args.diffusion_steps is not None:
             overrides["num_diffusion_steps"] = args.diffusion_steps
         if args.eta is not None:
+            if args.algo in ("idql", "cdp_idql"):
+                raise ValueError("--eta does not apply to idql/cdp_idql (IDQL has no Q term in the actor loss)")
             overrides["eta"] = args.eta
     elif args.diffusion_steps is not None or args.eta is not None or args.gamma is not None:
         raise ValueError("--diffusion-steps/--eta/--gamma do not apply to --algo bc")
     acfg = make_config(args.algo, overrides)
     if args.gamma is not None:
-        if args.algo != "cdp":
-            raise ValueError("--gamma applies to --algo cdp only")
+        if not args.algo.startswith("cdp"):
+            raise ValueError("--gamma applies to the contraction algos (cdp, cdp_dql, cdp_idql) only")
         acfg.contraction = {**acfg.contraction, "weight": args.gamma}
         acfg = type(acfg)(**acfg.to_dict())  # re-validate
     tcfg = RLTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,

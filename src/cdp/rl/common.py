@@ -48,15 +48,17 @@ def mlp(in_dim: int, out_dim: int, hidden: int = 256, n_layers: int = 3, act: ty
 
 
 class TwinQ(nn.Module):
-    """Two independent critics Q_1, Q_2(s, a) (Fujimoto et al. 2018), each an MLP (Diffusion-QL: 3×256 Mish).
+    """Two independent critics Q_1, Q_2(s, a) (Fujimoto et al. 2018), each an MLP (Diffusion-QL: 3×256 Mish;
+    IDQL: 2×256 ReLU, ``act=nn.ReLU``).
 
     ``forward(obs (B, Do), action (B, Da)) -> (q1 (B,), q2 (B,))``; ``q_min`` gives min(q1, q2).
     """
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden: int = 256, n_layers: int = 3) -> None:
+    def __init__(self, obs_dim: int, action_dim: int, hidden: int = 256, n_layers: int = 3,
+                 act: type[nn.Module] = Mish) -> None:
         super().__init__()
-        self.q1 = mlp(obs_dim + action_dim, 1, hidden, n_layers)
-        self.q2 = mlp(obs_dim + action_dim, 1, hidden, n_layers)
+        self.q1 = mlp(obs_dim + action_dim, 1, hidden, n_layers, act)
+        self.q2 = mlp(obs_dim + action_dim, 1, hidden, n_layers, act)
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([obs, action], -1)

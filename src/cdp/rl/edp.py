@@ -52,6 +52,21 @@ from .common import TwinQ, check_batch, soft_update
 SELECTIONS = ("argmax", "softmax")
 
 
+def select_candidates(q: torch.Tensor, selection: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Index of the chosen candidate per state from their scores ``q`` (B, N) → (B,) long.
+
+    ``"argmax"``: the best; ``"softmax"``: a draw from softmax(q) (Diffusion-QL's ``sample_action``).
+
+    Raises:
+        ValueError: unknown ``selection``.
+    """
+    if selection == "argmax":
+        return q.argmax(1)
+    if selection == "softmax":
+        return torch.multinomial(F.softmax(q, 1), 1, generator=generator).squeeze(1)
+    raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+
+
 @dataclass
 class EDPConfig:
     """Settings of :class:`EDP`.
@@ -165,9 +180,15 @@ class EDP:
         return loss, {"critic_loss": float(loss.detach()), "q_mean": float(q1.detach().mean()),
                       "target_q_mean": float(target.mean())}
 
-    def actor_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """L_d + η·(−Q/|Q|) on the action approximation (+ γ L_c). Uses :attr:`generator`."""
-        p, c = self.policy, self.config
+    def diffusion_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The behaviour-cloning half of the actor loss, shared by EDP, CDP and Diffusion-QL.
+
+        Draws k ~ U{1..T} and ε ~ N(0, I) from :attr:`generator` (in that order), forms a_k = α_k a_0 + σ_k ε from the
+        normalised dataset actions and runs the network once (+ γ L_c when the policy has a contraction regulariser,
+        sharing that forward pass). Returns a dict with ``cond`` (B, Do), ``a_k``, ``eps``, ``eps_hat`` (B, Da),
+        ``alpha``, ``sigma`` (B, 1), ``loss_d`` (scalar L_d), ``loss_c`` (scalar γ L_c or None), ``metrics_c``.
+        """
+        p = self.policy
         obs, actions = batch["observations"], batch["actions"]
         B = obs.shape[0]
         cond = p._cond(obs)
@@ -180,16 +201,28 @@ class EDP:
         eps_hat, loss_c, mc = p.denoise_and_regularize(a0, a_k, k.to(a0.dtype) / p.schedule.num_steps, cond,
                                                        self.generator)  # + γ L_c (CDP), sharing the forward pass
         loss_d = ((eps_hat - eps) ** 2).mean()
-        a0_hat = ((a_k - si * eps_hat) / al).clamp(-1.0, 1.0)  # action approximation
-        q1, q2 = self.critic(cond, p.action_normalizer.unnormalize(a0_hat))
-        loss_q = -q1.mean() / q2.abs().mean().detach()
-        loss = loss_d + c.eta * loss_q
-        metrics = {"loss_d": float(loss_d.detach()), "loss_q": float(loss_q.detach())}
-        if loss_c is not None:
-            loss = loss + loss_c
-        metrics.update({f"contraction/{key}": v for key, v in mc.items()})
+        return {"cond": cond, "a_k": a_k, "eps": eps, "eps_hat": eps_hat, "alpha": al, "sigma": si,
+                "loss_d": loss_d, "loss_c": loss_c, "metrics_c": mc}
+
+    def _finish_actor_loss(self, d: dict[str, Any], loss_q: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """L_d + η·loss_q (+ γ L_c) and the metrics, from :meth:`diffusion_terms`' output."""
+        loss = d["loss_d"] + self.config.eta * loss_q
+        metrics = {"loss_d": float(d["loss_d"].detach()), "loss_q": float(loss_q.detach())}
+        if d["loss_c"] is not None:
+            loss = loss + d["loss_c"]
+        metrics.update({f"contraction/{key}": v for key, v in d["metrics_c"].items()})
         metrics["actor_loss"] = float(loss.detach())
         return loss, metrics
+
+    def actor_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """L_d + η·(−Q/|Q|) on the action approximation (+ γ L_c). Uses :attr:`generator`."""
+        p = self.policy
+        d = self.diffusion_terms(batch)
+        cond, a_k, al, si = d["cond"], d["a_k"], d["alpha"], d["sigma"]
+        a0_hat = ((a_k - si * d["eps_hat"]) / al).clamp(-1.0, 1.0)  # action approximation
+        q1, q2 = self.critic(cond, p.action_normalizer.unnormalize(a0_hat))
+        loss_q = -q1.mean() / q2.abs().mean().detach()
+        return self._finish_actor_loss(d, loss_q)
 
     # -------------------------------------------------------------------------------------------- step
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -227,11 +260,7 @@ class EDP:
         if n == 1:
             return a
         q = self.critic_target.q_min(self._obs(rep), a).view(B, n)
-        if c.selection == "argmax":
-            idx = q.argmax(1)
-        else:
-            idx = torch.multinomial(F.softmax(q, 1), 1, generator=gen).squeeze(1)
-        return a.view(B, n, -1)[torch.arange(B), idx]
+        return a.view(B, n, -1)[torch.arange(B), select_candidates(q, c.selection, gen)]
 
     # -------------------------------------------------------------------------------------------- state
     def modules(self) -> dict[str, nn.Module]:

@@ -1,4 +1,4 @@
-"""The resumable offline-RL training loop (one loop for BC, EDP and CDP).
+"""The resumable offline-RL training loop (one loop for every algorithm of :data:`cdp.rl.ALGOS`).
 
 Each step draws a batch of transitions uniformly with a seeded ``torch.Generator``, calls ``agent.update(batch)``,
 logs to the run folder (``metrics.jsonl`` + TensorBoard), evaluates every ``eval_every`` steps in the simulator
