@@ -649,8 +649,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
-COMPUTE_NOTE = {"rl": " rl: `timing.train_s` / steps; it includes the periodic evaluations (`eval_every`), so use "
-                      "`eval_every: 0` for clean compute numbers.",
+COMPUTE_NOTE = {"rl": " rl: `timing.train_s` / steps (training loop only; periodic evaluations are timed apart since "
+                      "2026-11-22 — results written earlier included them).",
                 "il": " il: `train.sec_per_1k_steps` (training loop only).",
                 "toy": " toy: `train_seconds` / steps (training loop only)."}
 
