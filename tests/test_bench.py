@@ -145,6 +145,25 @@ def test_d4rl_named_mujoco_dataset(tmp_path, monkeypatch):
     assert calls == [("Hopper-v5", (data_root / "hopper").absolute())]
 
 
+def test_il_robosuite_demos_are_made_once_and_passed(tmp_path, monkeypatch):
+    spec = parse_spec({"name": "l", "job": "il", "out": str(tmp_path), "algos": ["dbc"], "datasets": ["lift", "pusht"],
+                       "seeds": [0], "data": {"root": str(tmp_path / "d"), "n_demos": 7, "seed": 3}})
+    cells = {c.dataset: c for c in expand(spec)}
+    a = cells["lift"].args
+    want = (tmp_path / "d" / "lift7_seed3.hdf5").absolute()
+    assert a[a.index("--hdf5") + 1] == str(want) and "--hdf5" not in cells["pusht"].args
+    import cdp.data.robosuite_demos as rd
+    from cdp.bench import prepare_il_demos
+
+    calls = []
+    monkeypatch.setattr(rd, "generate_robosuite_demos", lambda task, n, out, **kw: calls.append((task, n, out, kw["seed"]))
+                        or {"demos": n, "attempts": n, "seconds": 0.0})
+    prepare_il_demos(spec, {"lift", "pusht"}, log=lambda m: None)
+    assert calls == [("lift", 7, want, 3)]
+    with pytest.raises(ValueError, match="il 'data' keys"):
+        parse_spec({"job": "il", "algos": ["dbc"], "datasets": ["lift"], "seeds": [0], "data": {"max_steps": 1}})
+
+
 def test_unreachable_address(tmp_path, capsys):
     pytest.importorskip("ray")
     import socket

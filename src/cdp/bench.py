@@ -18,7 +18,8 @@ A spec (``configs/experiments/*.yaml``)::
     workers: 2                      # optional default of --workers
     shared_dataset: true            # rl only (default): generate the PointMaze dataset once for all cells
     data: {root: runs/data, max_steps: 300000}   # rl, D4RL-named datasets: where and how `cdp data mujoco` makes
-                                    # them (cdp.data.mujoco.MujocoDataConfig fields) before the grid starts
+                                    # them (cdp.data.mujoco.MujocoDataConfig fields) before the grid starts;
+                                    # il, lift / can: {root, n_demos, seed, noise} of the scripted demos
 
 Each cell runs ``python -m cdp.cli <job> ... --out <out>/<job>/<algo>/<dataset>/frac<f>/seed<s>`` (stdout+stderr in
 ``bench.log`` there). A cell whose results file exists is skipped; any other cell is (re)started with the same
@@ -96,6 +97,16 @@ class Spec:
         kinds = tuple(sorted({m.group(2)} | set(d.pop("kinds", ()))))
         cfg = MujocoDataConfig(env_id=_ROBOT_ENV[m.group(1)], kinds=kinds, **d)
         return cfg, (Path(self.data.get("root", "runs/data")) / m.group(1)).absolute()
+
+    def il_demos(self, task: str) -> Path | None:
+        """il, robosuite tasks (lift / can) without an ``hdf5`` override: the scripted-demo file every cell reads
+        (``--hdf5``), ``<data.root>/<task><n_demos>_seed<seed>.hdf5``, made before the grid by
+        :func:`cdp.data.robosuite_demos.generate_robosuite_demos` when missing."""
+        if self.job != "il" or task not in ("lift", "can") or self.overrides.get("hdf5"):
+            return None
+        d = self.data
+        name = f"{task}{int(d.get('n_demos', 200))}_seed{int(d.get('seed', 0))}.hdf5"
+        return (Path(d.get("root", "runs/data")) / name).absolute()
 
     def rl_dataset(self, env: str) -> Path | None:
         """rl with ``shared_dataset`` (default) and no ``dataset`` override: the one dataset every cell of ``env``
@@ -236,6 +247,10 @@ def parse_spec(data: dict, where: str = "spec", check_flags: bool = True) -> Spe
                 overrides=overrides, baselines={str(k): str(v) for k, v in baselines.items()}, workers=workers,
                 description=str(data.get("description", "")), shared_dataset=shared,
                 algo_overrides=per_algo, data=mdata)
+    if job == "il":
+        bad = sorted(set(mdata) - {"root", "n_demos", "seed", "noise"})
+        if bad:
+            raise ValueError(f"{where}: il 'data' keys are root, n_demos, seed, noise (scripted robosuite demos); got {bad}")
     for d in datasets:  # build each MuJoCo data config now: bad 'data' fields fail before anything runs
         try:
             spec.mujoco_data(d)
@@ -313,6 +328,8 @@ def expand(spec: Spec) -> list[Cell]:
                         args += [DATASET_FLAG[spec.job], spec.env_for(ds)]
                     if spec.rl_dataset(ds) is not None:
                         args += ["--dataset", str(spec.rl_dataset(ds))]
+                    if spec.il_demos(ds) is not None:
+                        args += ["--hdf5", str(spec.il_demos(ds))]
                     if spec.job != "toy":
                         args += ["--fraction", f"{frac:g}"]
                     args += ["--seed", str(seed), "--out", str(out), "--no-progress"]
@@ -352,6 +369,21 @@ def _remote_runner():
         return {"rc": rc, "seconds": time.time() - t0, "host": os.uname().nodename}
 
     return run_cell
+
+
+def prepare_il_demos(spec: Spec, tasks, log=print) -> None:
+    """Make each missing scripted-demo file of the il grid's robosuite tasks once (see :meth:`Spec.il_demos`)."""
+    for task in sorted(tasks):
+        path = spec.il_demos(task)
+        if path is None or path.exists():
+            continue
+        from .data.robosuite_demos import generate_robosuite_demos
+
+        d = spec.data
+        log(f"generating {int(d.get('n_demos', 200))} scripted {task} demos into {path}")
+        r = generate_robosuite_demos(task, int(d.get("n_demos", 200)), path, seed=int(d.get("seed", 0)),
+                                     noise=float(d.get("noise", 0.05)), progress=False)
+        log(f"  {r['demos']} demos ({r['attempts']} attempts) in {r['seconds']:.0f} s")
 
 
 def prepare_rl_datasets(spec: Spec, envs, log=print) -> None:
@@ -406,6 +438,7 @@ def run_grid(spec: Spec, workers: int | None = None, address: str | None = None,
     if address:
         _check_reachable(address)
     prepare_rl_datasets(spec, {c.dataset for c in todo}, log)
+    prepare_il_demos(spec, {c.dataset for c in todo}, log)
     import ray
 
     started_here = not ray.is_initialized()
