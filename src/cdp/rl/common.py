@@ -74,3 +74,32 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """Polyak averaging θ' ← (1 − τ) θ' + τ θ."""
     for pt, p in zip(target.parameters(), source.parameters()):
         pt.mul_(1 - tau).add_(p.detach(), alpha=tau)
+
+
+class DiffusionActorBase:
+    """Plumbing shared by the diffusion-actor agents (EDP/CDP, Diffusion-QL, IDQL): the actor
+    (:class:`cdp.policy.DiffusionPolicy`), its EMA, the agent's RNG, and the extra state the trainer checkpoints.
+    The algorithms themselves (losses, updates, action selection) stay in their own files."""
+
+    def _init_actor(self, obs_dim: int, action_dim: int, policy_config, ema_decay: float, seed: int) -> None:
+        """Seed torch's global RNG (initialisation) and :attr:`generator` (sampling), then build policy and EMA —
+        in this order, so agents built before this helper existed initialise bit-identically."""
+        from ..policy import EMA, DiffusionPolicy
+
+        self.obs_dim, self.action_dim = obs_dim, action_dim
+        torch.manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.policy = DiffusionPolicy(policy_config)
+        self.ema = EMA(self.policy, ema_decay)
+
+    def fit_normalizers(self, observations: torch.Tensor, actions: torch.Tensor) -> None:
+        """Fit the actor's observation / action normalisers on the dataset and copy them into the EMA actor."""
+        self.policy.fit_normalizers(observations, actions)
+        self.ema.model.load_state_dict(self.policy.state_dict())
+
+    def extra_state(self) -> dict:
+        return {"generator": self.generator.get_state(), "ema_updates": self.ema.num_updates}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.ema.num_updates = int(state["ema_updates"])

@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..policy import EMA, DiffusionPolicy, DiffusionPolicyConfig
-from .common import TwinQ, check_batch, soft_update
+from ..policy import DiffusionPolicy, DiffusionPolicyConfig
+from .common import DiffusionActorBase, TwinQ, check_batch, soft_update
 
 SELECTIONS = ("argmax", "softmax")
 
@@ -126,7 +126,7 @@ class EDPConfig:
             contraction=self.contraction)
 
 
-class EDP:
+class EDP(DiffusionActorBase):
     """EDP (TD3-style policy improvement with action approximation); CDP when ``config.contraction`` is set.
 
     Args:
@@ -137,11 +137,7 @@ class EDP:
 
     def __init__(self, obs_dim: int, action_dim: int, config: EDPConfig | None = None, seed: int = 0) -> None:
         self.config = c = config or EDPConfig()
-        self.obs_dim, self.action_dim = obs_dim, action_dim
-        torch.manual_seed(seed)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.policy = DiffusionPolicy(c.policy_config(obs_dim, action_dim))
-        self.ema = EMA(self.policy, c.ema_decay)
+        self._init_actor(obs_dim, action_dim, c.policy_config(obs_dim, action_dim), c.ema_decay, seed)
         self.critic = TwinQ(obs_dim, action_dim, c.hidden, c.n_layers)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.actor_opt = torch.optim.Adam(self.policy.net.parameters(), lr=c.actor_lr)
@@ -150,10 +146,6 @@ class EDP:
     @property
     def name_full(self) -> str:
         return "cdp" if self.config.contraction is not None else "edp"
-
-    def fit_normalizers(self, observations: torch.Tensor, actions: torch.Tensor) -> None:
-        self.policy.fit_normalizers(observations, actions)
-        self.ema.model.load_state_dict(self.policy.state_dict())
 
     # -------------------------------------------------------------------------------------------- pieces
     def _obs(self, obs: torch.Tensor) -> torch.Tensor:
@@ -269,9 +261,3 @@ class EDP:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.actor_opt, "critic": self.critic_opt}
 
-    def extra_state(self) -> dict:
-        return {"generator": self.generator.get_state(), "ema_updates": self.ema.num_updates}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.ema.num_updates = int(state["ema_updates"])

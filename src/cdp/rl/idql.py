@@ -47,8 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..policy import EMA, DiffusionPolicy, DiffusionPolicyConfig
-from .common import TwinQ, check_batch, mlp, soft_update
+from ..policy import DiffusionPolicyConfig
+from .common import DiffusionActorBase, TwinQ, check_batch, mlp, soft_update
 
 SELECTIONS = ("expectile", "expectile_simple", "argmax")
 
@@ -142,7 +142,7 @@ class IDQLConfig:
             contraction=self.contraction)
 
 
-class IDQL:
+class IDQL(DiffusionActorBase):
     """IDQL (IQL critic + diffusion behaviour policy + implicit-policy resampling); CDP-IDQL with ``contraction``.
 
     Protocol of :mod:`cdp.rl.common`. Critic and value nets see the actor's normalised observation and the raw action.
@@ -155,11 +155,7 @@ class IDQL:
 
     def __init__(self, obs_dim: int, action_dim: int, config: IDQLConfig | None = None, seed: int = 0) -> None:
         self.config = c = config or IDQLConfig()
-        self.obs_dim, self.action_dim = obs_dim, action_dim
-        torch.manual_seed(seed)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.policy = DiffusionPolicy(c.policy_config(obs_dim, action_dim))
-        self.ema = EMA(self.policy, c.ema_decay)
+        self._init_actor(obs_dim, action_dim, c.policy_config(obs_dim, action_dim), c.ema_decay, seed)
         self.critic = TwinQ(obs_dim, action_dim, c.critic_hidden, c.critic_layers, act=nn.ReLU)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.value = mlp(obs_dim, 1, c.critic_hidden, c.critic_layers, act=nn.ReLU)
@@ -170,10 +166,6 @@ class IDQL:
     @property
     def name_full(self) -> str:
         return "cdp_idql" if self.config.contraction is not None else "idql"
-
-    def fit_normalizers(self, observations: torch.Tensor, actions: torch.Tensor) -> None:
-        self.policy.fit_normalizers(observations, actions)
-        self.ema.model.load_state_dict(self.policy.state_dict())
 
     def _obs(self, obs: torch.Tensor) -> torch.Tensor:
         """Critic / value input: the actor's normalised observation."""
@@ -282,9 +274,3 @@ class IDQL:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.actor_opt, "critic": self.critic_opt, "value": self.value_opt}
 
-    def extra_state(self) -> dict:
-        return {"generator": self.generator.get_state(), "ema_updates": self.ema.num_updates}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.ema.num_updates = int(state["ema_updates"])
