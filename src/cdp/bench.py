@@ -51,7 +51,8 @@ RESULT_FILE = {"rl": "results.json", "il": "results.json", "toy": "toy_results.j
 ALGO_FLAG = {"rl": "--algo", "il": "--policy", "toy": "--variants"}
 DATASET_FLAG = {"rl": "--env", "il": "--task", "toy": None}
 #: main metric per job: (label, higher is better)
-MAIN_METRIC = {"rl": ("normalized score", True), "il": ("mean max-coverage", True), "toy": ("off-support", False)}
+MAIN_METRIC = {"rl": ("normalized score", True), "il": ("mean max-coverage (PushT) or success rate (Lift / Can)", True),
+               "toy": ("off-support", False)}
 #: flags fixed by the grid: not allowed in ``overrides``
 GRID_FLAGS = {"out", "seed", "fraction", "algo", "policy", "variants", "env", "task", "resume", "config"}
 DEFAULT_BASELINES = {"cdp": "edp", "cdp_dql": "dql", "cdp_idql": "idql", "cdp_dbc": "dbc", "cdp_unet": "dp_unet",
@@ -511,7 +512,9 @@ def extract(job: str, algo: str, res: dict) -> dict[str, float]:
     if job == "il":
         ev = res.get("eval") or {}
         diag = res.get("diagnostics") or {}
-        return {"main": _num(ev.get("mean_max_coverage")), "success": _num(ev.get("success_rate")),
+        # PushT: mean max-coverage; robosuite tasks (no coverage): the success rate is the main metric
+        main = ev.get("mean_max_coverage", ev.get("success_rate"))
+        return {"main": _num(main), "success": _num(ev.get("success_rate")),
                 "sec_per_1k": _num(_get(res, "train", "sec_per_1k_steps")),
                 "lambda_mean": _num(diag.get("lambda_hat_mean")), "frac_contractive": _num(diag.get("frac_contractive"))}
     m = _get(res, "variants", algo) or {}
