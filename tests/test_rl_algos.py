@@ -160,6 +160,34 @@ def test_cli_registers_rl():
         assert build_parser().parse_args(["rl", "--algo", algo]).algo == algo
 
 
+def test_rl_config_file_with_command_line_overrides(tmp_path, capsys):
+    """cdp rl --config: defaults < YAML < explicit flags; unknown keys and missing files give one clear error."""
+    import json
+
+    import yaml
+    from cdp.cli import build_parser, main
+    from cdp.cli_rl import resolve_config
+    from cdp.data.maze import generate_maze_dataset
+
+    data = tmp_path / "maze.hdf5"
+    generate_maze_dataset("PointMaze_UMaze-v3", n_steps=600, seed=0, path=data, ref_episodes=0, progress=False)
+    cfg = tmp_path / "rl.yaml"
+    cfg.write_text(yaml.safe_dump({"algo": "bc", "steps": 7, "eval-episodes": 1, "dataset": str(data), "seed": 3}))
+    args = build_parser().parse_args(["rl", "--config", str(cfg), "--steps", "2"])
+    resolve_config(args)
+    assert (args.algo, args.steps, args.eval_episodes, args.seed, args.batch_size) == ("bc", 2, 1, 3, 256)
+    out = tmp_path / "run"
+    assert main(["rl", "--config", str(cfg), "--steps", "2", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["algo"] == "bc" and res["steps"] == 2 and res["seed"] == 3 and res["episodes"] == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algo: bc\nlearning_rate: 3\n")
+    assert main(["rl", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "not cdp rl flags: ['learning_rate']" in capsys.readouterr().err
+    assert main(["rl", "--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "y")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     ds = tiny_dataset()
     cfg = RLTrainConfig(steps=2, batch_size=16, progress=False)

@@ -7,6 +7,7 @@ Diffusion-QL / IDQL, evaluated in MuJoCo.
     cdp rl --algo bc --steps 2000 --out runs/rl_bc
     cdp rl --dataset maze.hdf5               # any D4RL-layout hdf5 for a PointMaze env
     cdp rl --dataset data/hopper/hopper-medium-replay-v5.hdf5   # from `cdp data mujoco` (or a D4RL file + --env)
+    cdp rl --config rl.yaml --seed 1         # YAML of these flags; command-line flags override it
 
 Writes into ``--out``: the cached dataset (``dataset_*.hdf5``), ``config.yaml``, ``metrics.jsonl`` + ``tb/``,
 ``checkpoints/last`` and ``results.json``; prints the normalised score ± std over the evaluation episodes and, for
@@ -16,6 +17,7 @@ from dataset states; < 0 = contracting). Re-running with the same ``--out`` resu
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -32,6 +34,9 @@ def add_rl(sub) -> None:
     p.add_argument("--algo", choices=ALGOS, default="cdp",
                    help="cdp = EDP + contraction, cdp_dql / cdp_idql = Diffusion-QL / IDQL + contraction (default: cdp)")
     p.add_argument("--out", default="runs/rl", help="run folder; re-using it resumes (default: runs/rl)")
+    p.add_argument("--config", default=None,
+                   help="YAML mapping of these flags' names (e.g. algo: edp, steps: 20000, dataset: FILE); flags given "
+                        "on the command line override it")
     p.add_argument("--env", default=None,
                    help=f"env id: the PointMaze env to generate for (default: {DEFAULT_ENV}), or the evaluation env of "
                         f"--dataset (default: the file's env_id attribute, e.g. Hopper-v5)")
@@ -54,6 +59,40 @@ def add_rl(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(2, cores))")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run_rl)
+    # defaults are applied in run_rl after the --config file, so that only explicit flags override the file
+    _RL_DEFAULTS.clear()
+    for a in p._actions:  # noqa: SLF001
+        if a.dest not in ("help", "func") and a.default is not argparse.SUPPRESS:
+            _RL_DEFAULTS[a.dest] = a.default
+            a.default = argparse.SUPPRESS
+
+
+_RL_DEFAULTS: dict = {}
+
+
+def resolve_config(args) -> None:
+    """Fill ``args``: flag defaults < the ``--config`` YAML < flags given on the command line.
+
+    Raises:
+        FileNotFoundError: missing config file. ValueError: not a mapping, or keys that are not ``cdp rl`` flags.
+    """
+    given = dict(vars(args))
+    from_file: dict = {}
+    path = given.get("config")
+    if path:
+        import yaml
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        from_file = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(from_file, dict):
+            raise ValueError(f"{path}: must be a YAML mapping of cdp rl flags")
+        from_file = {str(k).replace("-", "_"): v for k, v in from_file.items()}
+        bad = sorted(set(from_file) - set(_RL_DEFAULTS) | ({"config"} & set(from_file)))
+        if bad:
+            raise ValueError(f"{path}: not cdp rl flags: {bad}; known: {sorted(k for k in _RL_DEFAULTS if k != 'config')}")
+    for k, v in {**_RL_DEFAULTS, **from_file, **given}.items():
+        setattr(args, k, v)
 
 
 def _dataset(args, out: Path):
@@ -98,6 +137,7 @@ def contraction_diagnostics(policy, observations: torch.Tensor, n_states: int = 
 
 
 def run_rl(args) -> int:
+    resolve_config(args)
     from .cli import set_threads
     from .rl import make_config, make_agent
     from .rl.trainer import RLTrainConfig, dataset_tensors, evaluate_agent, train_offline
