@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..policy import DiffusionPolicy, DiffusionPolicyConfig
-from .common import DiffusionActorBase, TwinQ, check_batch, soft_update
+from .common import DiffusionActorBase, TwinQ, check_batch, mlp_actor_config, soft_update
 
 SELECTIONS = ("argmax", "softmax")
 
@@ -117,13 +117,8 @@ class EDPConfig:
         return asdict(self)
 
     def policy_config(self, obs_dim: int, action_dim: int) -> DiffusionPolicyConfig:
-        return DiffusionPolicyConfig(
-            obs_dim=obs_dim, action_dim=action_dim, network="mlp",
-            network_kwargs={"hidden": self.hidden, "n_layers": self.n_layers},
-            schedule={"name": "vp", "num_steps": self.num_diffusion_steps}, prediction="epsilon",
-            sampler="dpmsolver++", num_inference_steps=self.num_inference_steps, clip_sample=1.0,
-            obs_normalizer="gaussian", action_normalizer="minmax", ema_decay=self.ema_decay,
-            contraction=self.contraction)
+        return mlp_actor_config(obs_dim, action_dim, self.hidden, self.n_layers, self.num_diffusion_steps,
+                                "dpmsolver++", self.num_inference_steps, self.ema_decay, self.contraction)
 
 
 class EDP(DiffusionActorBase):

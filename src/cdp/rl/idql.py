@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ..policy import DiffusionPolicyConfig
-from .common import DiffusionActorBase, TwinQ, check_batch, mlp, soft_update
+from .common import DiffusionActorBase, TwinQ, check_batch, mlp, mlp_actor_config, soft_update
 
 SELECTIONS = ("expectile", "expectile_simple", "argmax")
 
@@ -133,13 +133,8 @@ class IDQLConfig:
         return asdict(self)
 
     def policy_config(self, obs_dim: int, action_dim: int) -> DiffusionPolicyConfig:
-        return DiffusionPolicyConfig(
-            obs_dim=obs_dim, action_dim=action_dim, network="mlp",
-            network_kwargs={"hidden": self.hidden, "n_layers": self.n_layers},
-            schedule={"name": "vp", "num_steps": self.num_diffusion_steps}, prediction="epsilon",
-            sampler="ddpm", num_inference_steps=None, clip_sample=1.0,
-            obs_normalizer="gaussian", action_normalizer="minmax", ema_decay=self.ema_decay,
-            contraction=self.contraction)
+        return mlp_actor_config(obs_dim, action_dim, self.hidden, self.n_layers, self.num_diffusion_steps,
+                                "ddpm", None, self.ema_decay, self.contraction)
 
 
 class IDQL(DiffusionActorBase):
