@@ -289,13 +289,16 @@ def test_closed_form_matvecs_match_the_functorch_path():
     assert torch.allclose(l1, l2, atol=1e-10)
 
 
-def test_auto_estimator_uses_exact_up_to_32_for_closed_form_networks():
+def test_auto_estimator_uses_exact_up_to_32():
     from cdp.nets.mlp import MLPDenoiser
     reg = ContractionRegularizer(ContractionConfig(), NoiseSchedule(name="vp", num_steps=5))
     net = MLPDenoiser(action_dim=14, cond_dim=2, hidden=8)
     assert reg._estimator(14, net) == "exact" and reg._estimator(32, net) == "exact"
-    assert reg._estimator(33, net) == "power"
-    assert reg._estimator(14, net.forward) == "power" and reg._estimator(8, net.forward) == "exact"
+    assert reg._estimator(33, net) == "power" and reg._estimator(32, net.forward) == "exact"
+    small = ContractionRegularizer(ContractionConfig(auto_exact_max_dim=8), NoiseSchedule(name="vp", num_steps=5))
+    assert small._estimator(8, net) == "exact" and small._estimator(9, net) == "power"
+    frob = ContractionRegularizer(ContractionConfig(loss="frobenius"), NoiseSchedule(name="vp", num_steps=5))
+    assert frob._estimator(33, net) == "hutchinson"
 
 
 def test_lazy_regularisation_is_unbiased_and_skips():
