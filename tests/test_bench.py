@@ -196,7 +196,7 @@ def _fake_rl(s):
             d = cell_dir(s.root, algo, "PointMaze_UMaze-v3", frac, seed)
             d.mkdir(parents=True)
             diag = {"lambda_hat_mean": -0.1 * (seed + 1), "frac_points_contractive": 0.5} if algo == "cdp" else None
-            sec = 2.0 if algo == "bc" else 6.0  # train seconds for 10 steps → 200 / 600 s per 1k steps
+            sec = (2.0 if algo == "bc" else 6.0) * (1 + seed)  # 10 steps: bc 200/400/600, cdp 3x that, s per 1k
             (d / "results.json").write_text(json.dumps({
                 "normalized_score_mean": x, "success_rate": x / 100, "steps": 10, "timing": {"train_s": sec},
                 "contraction_diagnostics": diag}))
@@ -232,14 +232,15 @@ def test_aggregation_numbers(tmp_path):
     means = xs[rng.integers(0, 3, size=(2000, 3))].mean(1)
     assert (r["main_ci_low"], r["main_ci_high"]) == pytest.approx((np.quantile(means, 0.025), np.quantile(means, 0.975)))
     assert summ[("cdp", 0.1)]["n"] == 2 and summ[("cdp", 0.1)]["main_mean"] == pytest.approx(40.5)
-    assert summ[("cdp", 1.0)]["sec_per_1k_mean"] == pytest.approx(600.0)
+    assert summ[("cdp", 1.0)]["sec_per_1k_mean"] == pytest.approx(1200.0)
     assert summ[("cdp", 1.0)]["lambda_mean_mean"] == pytest.approx(-0.2)
     assert math.isnan(summ[("bc", 1.0)]["lambda_mean_mean"])
     agg = aggregate(s)
     md = agg["markdown"]
     assert "| bc | PointMaze_UMaze-v3 | 1 | 3 | 30 ± 26.5 | 30 |" in md
     assert "| cdp | PointMaze_UMaze-v3 | 70 ± 20 | 40.5 ± 0.707 | -29.5 | 0.58 |" in md  # data-scarce table
-    assert "| cdp | PointMaze_UMaze-v3 | 600.0 ± 0.0 | bc | 3.00 |" in md  # compute-cost table
+    # compute cost: median [min, max] over cdp's 5 cells; every cdp cell is 3x its same-(fraction, seed) bc cell
+    assert "| cdp | PointMaze_UMaze-v3 | 1200.0 [600.0, 1800.0] | bc | 3.00 (n = 5) |" in md
     assert "## Contraction" in md and "Unfinished cells (1)" in md
     out = s.root / "summary"
     for f in ("summary.md", "summary.csv", "cells.csv", "bar.png", "curves.png"):
@@ -275,3 +276,44 @@ def test_toy_grid_on_ray(tmp_path, capsys):
     # everything finished: a second run skips all cells without starting Ray
     res2 = run_grid(s, workers=2, log=lambda *a: None)
     assert res2 == {"ran": 0, "skipped": 4, "failed": []}
+
+
+def test_publish_replaces_only_the_marked_block(tmp_path):
+    from cdp.bench import check_publish_target, publish
+    s = _spec(tmp_path / "runs", baselines={"cdp": "bc"})
+    _fake_rl(s)
+    agg = aggregate(s)
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    page.write_text("# Results\n\nintro\n\n<!-- cdp bench: t -->\nOLD TABLE\n<!-- /cdp bench: t -->\n\noutro\n")
+    publish(page, s, agg, "cdp bench spec.yaml --publish docs/results.md")
+    text = page.read_text()
+    assert text.startswith("# Results\n\nintro\n\n<!-- cdp bench: t -->\n") and text.endswith("<!-- /cdp bench: t -->\n\noutro\n")
+    assert "OLD TABLE" not in text and "`cdp bench spec.yaml --publish docs/results.md`" in text
+    assert "| bc | PointMaze_UMaze-v3 | 1 | 3 | 30 ± 26.5 | 30 |" in text
+    assert "\n### t: rl grid" in text and "\n#### Main metric" in text  # headings demoted under the page's
+    assert (page.parent / "figures" / "bench" / "t" / "bar.png").exists()
+    assert "](figures/bench/t/bar.png)" in text
+    publish(page, s, agg, "cdp bench spec.yaml --publish docs/results.md")
+    assert page.read_text() == text  # idempotent
+    for bad in ("no markers here\n", "<!-- /cdp bench: t -->\n<!-- cdp bench: t -->\n",
+                "<!-- cdp bench: t -->\n<!-- cdp bench: t -->\n<!-- /cdp bench: t -->\n"):
+        page.write_text(bad)
+        with pytest.raises(ValueError, match="spec\\(s\\) t"):
+            check_publish_target(page, ["t"])
+    with pytest.raises(FileNotFoundError, match="no such markdown file"):
+        check_publish_target(tmp_path / "missing.md", ["t"])
+
+
+def test_cli_publish_checks_markers_before_running(tmp_path, capsys):
+    spec = tmp_path / "t.yaml"
+    spec.write_text(yaml.safe_dump({**RL, "out": str(tmp_path / "runs")}))
+    page = tmp_path / "results.md"
+    page.write_text("nothing marked\n")
+    assert main(["bench", str(spec), "--publish", str(page), "--workers", "1"]) == 2
+    assert "for spec(s) t" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing ran
+    page.write_text("<!-- cdp bench: t -->\n<!-- /cdp bench: t -->\n")
+    assert main(["bench", str(spec), "--publish", str(page), "--aggregate-only", "--no-plots"]) == 0
+    assert "Unfinished cells (12)" in page.read_text()
+    assert f"`cdp bench {spec} --publish {page}`" in page.read_text()

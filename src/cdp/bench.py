@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -643,21 +644,29 @@ def tables_markdown(spec: Spec, rows: list[dict], summary: list[dict]) -> str:
                 lines.append(f"| {algo} | {ds} | {_pm(a['main_mean'], a['main_std'])} | {_pm(b['main_mean'], b['main_std'])} "
                              f"| {_f(d, '{:+.3g}')} | {_f(ret, '{:.2f}')} |")
         lines.append("")
-    lines += ["## Compute cost", "", "Training seconds per 1 000 gradient steps (all fractions and seeds of an algo; "
-              "the cells share the machine, so absolute numbers depend on its load)." + COMPUTE_NOTE[spec.job], "",
-              "| algo | dataset | train s / 1k steps | base | ratio to base |", "|---|---|---|---|---|"]
+    lines += ["## Compute cost", "", "Training seconds per 1 000 gradient steps over all fractions and seeds of an algo: "
+              "median [min, max] (the cells share the machine, so one starved cell can be far off; the median is "
+              "robust to it). Ratio to base = median over the cells of this algo of (its s/1k) / (s/1k of the base "
+              "cell with the same dataset, fraction and seed), which ran at about the same time."
+              + COMPUTE_NOTE[spec.job], "",
+              "| algo | dataset | train s / 1k steps, median [min, max] | base | ratio to base (paired median) |",
+              "|---|---|---|---|---|"]
     for algo in spec.algos:
         for ds in spec.datasets:
-            xs = [r["sec_per_1k"] for r in rows if r["algo"] == algo and r["dataset"] == ds]
-            if not xs:
+            mine = [r for r in rows if r["algo"] == algo and r["dataset"] == ds and math.isfinite(r["sec_per_1k"])]
+            if not mine:
                 continue
-            m, s = mean_std(xs)
+            xs = [r["sec_per_1k"] for r in mine]
             base = _baseline(spec, algo)
             ratio = "–"
             if base:
-                bm, _ = mean_std([r["sec_per_1k"] for r in rows if r["algo"] == base and r["dataset"] == ds])
-                ratio = _f(m / bm, "{:.2f}") if bm and math.isfinite(bm) else "–"
-            lines.append(f"| {algo} | {ds} | {_pm(m, s, '{:.1f}')} | {base or '–'} | {ratio} |")
+                ref = {(r["fraction"], r["seed"]): r["sec_per_1k"] for r in rows
+                       if r["algo"] == base and r["dataset"] == ds and math.isfinite(r["sec_per_1k"])}
+                pairs = [r["sec_per_1k"] / ref[(r["fraction"], r["seed"])] for r in mine
+                         if ref.get((r["fraction"], r["seed"]))]
+                ratio = f"{statistics.median(pairs):.2f} (n = {len(pairs)})" if pairs else "–"
+            lines.append(f"| {algo} | {ds} | {statistics.median(xs):.1f} [{min(xs):.1f}, {max(xs):.1f}] "
+                         f"| {base or '–'} | {ratio} |")
     lines.append("")
     if any(math.isfinite(r["lambda_mean_mean"]) for r in summary):
         lines += ["## Contraction", "", "λ̂ = largest eigenvalue of the symmetrised, normalised sampling-drift "
@@ -790,3 +799,67 @@ def aggregate(spec: Spec, plots: bool = True) -> dict:
     if plots:
         files += plot(spec, summary, out_dir)
     return {"rows": rows, "summary": summary, "markdown": md, "files": files}
+
+
+# ------------------------------------------------------------------------------------------------ publishing
+PUBLISH_BEGIN = "<!-- cdp bench: {name} -->"
+PUBLISH_END = "<!-- /cdp bench: {name} -->"
+
+
+def check_publish_target(path: str | os.PathLike, names: list[str]) -> str:
+    """Read the markdown file ``path`` and check it has one begin/end marker pair per spec name.
+
+    A block is ``<!-- cdp bench: NAME -->`` … ``<!-- /cdp bench: NAME -->``; :func:`publish` replaces what lies
+    between the two lines. Returns the file's text. Raises FileNotFoundError (no file) or ValueError naming the
+    spec(s) whose markers are missing, duplicated or out of order — before any cell runs.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--publish: no such markdown file: {p}")
+    text = p.read_text()
+    bad = []
+    for n in names:
+        b, e = PUBLISH_BEGIN.format(name=n), PUBLISH_END.format(name=n)
+        if text.count(b) != 1 or text.count(e) != 1 or text.index(b) > text.index(e):
+            bad.append(n)
+    if bad:
+        raise ValueError(f"--publish {p}: need exactly one '{PUBLISH_BEGIN.format(name='NAME')}' … "
+                         f"'{PUBLISH_END.format(name='NAME')}' pair (in that order) "
+                         f"for spec(s) {', '.join(bad)}")
+    return text
+
+
+def publish_block(text: str, name: str, markdown: str) -> str:
+    """``text`` with the block of spec ``name`` replaced by ``markdown`` (markers kept; see :func:`check_publish_target`)."""
+    b, e = PUBLISH_BEGIN.format(name=name), PUBLISH_END.format(name=name)
+    i, j = text.index(b) + len(b), text.index(e)
+    return text[:i] + "\n" + markdown.strip("\n") + "\n" + text[j:]
+
+
+def publish(path: str | os.PathLike, spec: Spec, agg: dict, command: str) -> Path:
+    """Write a spec's aggregate into its marked block of the markdown file ``path`` (e.g. docs/results.md).
+
+    The summary's headings are demoted under the page's own, its PNG plots are copied to
+    ``<page dir>/figures/bench/<name>/`` and linked, and the command that made it is stated. The file is replaced
+    atomically. Returns the path. Raises as :func:`check_publish_target`.
+    """
+    p = Path(path)
+    text = check_publish_target(p, [spec.name])
+    fig_dir = p.parent / "figures" / "bench" / spec.name
+    links = []
+    for f in agg["files"]:
+        f = Path(f)
+        if f.suffix == ".png":
+            fig_dir.mkdir(parents=True, exist_ok=True)
+            dst = fig_dir / f.name
+            dst.write_bytes(f.read_bytes())
+            links.append(f"![{spec.name} {f.stem}]({dst.relative_to(p.parent).as_posix()})")
+    md = re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", agg["markdown"], flags=re.M)
+    body = [f"*Generated from the finished cells by `{command}`; do not edit inside the markers.*", "", md]
+    if links:
+        body += ["", *links]
+    new = publish_block(text, spec.name, "\n".join(body))
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(new)
+    os.replace(tmp, p)
+    return p

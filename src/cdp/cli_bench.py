@@ -6,6 +6,7 @@
     cdp bench SPEC.yaml --dry-run                                   # list the cells and their commands
     cdp bench SPEC.yaml --aggregate-only                            # tables + plots from finished cells
     cdp bench configs/experiments/{toy_seeds,rl_hopper_cpu}.yaml    # several studies, one after the other
+    cdp bench configs/experiments/*.yaml --publish docs/results.md  # and write each table into its marked block
 
 Re-running the same command skips finished cells and resumes interrupted ones (see :mod:`cdp.bench`).
 """
@@ -29,6 +30,9 @@ def add_bench(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the cells and their commands; run nothing")
     p.add_argument("--aggregate-only", action="store_true", help="only aggregate the finished cells")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--publish", default=None, metavar="FILE.md",
+                   help="write each spec's tables (and plots) between its markers '<!-- cdp bench: NAME -->' and "
+                        "'<!-- /cdp bench: NAME -->' in this markdown file (checked before anything runs)")
     p.set_defaults(func=run_bench)
 
 
@@ -40,15 +44,28 @@ def run_bench(args) -> int:
         raise ValueError("--out applies to a single spec")
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.publish:
+        from .bench import check_publish_target
+        check_publish_target(args.publish, [s.name for s in specs])
     rc = 0
-    for spec in specs:
+    for path, spec in zip(args.spec, specs):
         if args.out:
             spec.out = args.out
-        rc = max(rc, _run_one(spec, args))
+        rc = max(rc, _run_one(spec, args, path))
     return rc
 
 
-def _run_one(spec, args) -> int:
+def _command_args(path: str, args) -> list[str]:
+    """The command line that reproduces one spec's block (its spec file, workers and --publish)."""
+    out = [path]
+    if args.out:
+        out += ["--out", args.out]
+    if args.workers:
+        out += ["--workers", str(args.workers)]
+    return out + ["--publish", str(args.publish)]
+
+
+def _run_one(spec, args, path: str) -> int:
     from .bench import aggregate, expand, run_grid
 
     if args.dry_run:
@@ -70,6 +87,10 @@ def _run_one(spec, args) -> int:
     agg = aggregate(spec, plots=not args.no_plots)
     print(agg["markdown"])
     print("wrote " + ", ".join(str(f) for f in agg["files"]))
+    if args.publish:
+        from .bench import publish
+        publish(args.publish, spec, agg, "cdp bench " + " ".join(shlex.quote(a) for a in _command_args(path, args)))
+        print(f"published {spec.name} into {args.publish}")
     if failed:
         print(f"cdp bench {spec.name}: {len(failed)} cells failed: {', '.join(failed)}", file=sys.stderr)
         return 1
