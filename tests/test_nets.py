@@ -362,3 +362,9 @@ def test_fast_mish_matches_torch_mish_and_its_derivative():
     assert torch.autograd.gradcheck(mish, (z,)) and torch.autograd.gradgradcheck(mish, (z,))
     assert torch.autograd.gradcheck(lambda u: mish(u)[:50], (zz,), nondet_tol=0)
     assert torch.autograd.gradcheck(lambda u: mish_and_grad(u)[1], (z,))
+    # mish' is one autograd node with a closed-form mish'': its gradient and second gradient match finite differences
+    from cdp.nets.activations import mish_grad
+    assert torch.autograd.gradcheck(mish_grad, (zz[:200],)) and torch.autograd.gradgradcheck(mish_grad, (z,))
+    (g2,) = torch.autograd.grad(mish_grad(zz).sum(), zz)
+    (gref,) = torch.autograd.grad(torch.autograd.grad(F.mish(zz).sum(), zz, create_graph=True)[0].sum(), zz)
+    assert torch.allclose(g2, gref, rtol=1e-9, atol=1e-12)
