@@ -96,6 +96,9 @@ def test_run_il_writes_run_and_reloads(tmp_path):
     if HAVE_GYM_PUSHT:  # evaluating the checkpoint reproduces the in-run evaluation exactly
         ev = eval_checkpoint(ckpt, episodes=1, max_steps=16, seed=cfg.seed)
         assert ev["max_coverage"] == res["eval"]["max_coverage"]
+        assert main(["eval", "--checkpoint", str(ckpt), "--episodes", "1", "--max-steps", "16", "--seed",
+                     str(cfg.seed), "--video", str(tmp_path / "vid"), "--video-episodes", "1", "--threads", "1"]) == 0
+        assert (tmp_path / "vid" / "pusht_seed100000.gif").stat().st_size > 0
         assert set(res["eval"]) >= {"mean_max_coverage", "success_rate", "mean_max_reward"}
 
 

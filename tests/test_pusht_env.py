@@ -110,3 +110,35 @@ def test_evaluate_pusht_smoke():
         evaluate_pusht(lambda x: np.zeros((x.shape[0], 4, 2)), n_episodes=1, max_steps=8)
     with pytest.raises(ValueError, match="NaN"):
         evaluate_pusht(lambda x: np.full((x.shape[0], 8, 2), np.nan), n_episodes=1, max_steps=8)
+
+
+def test_evaluate_pusht_records_gifs_without_changing_rollouts(tmp_path):
+    from PIL import Image
+
+    ref = evaluate_pusht(_toward_center, n_episodes=2, max_steps=12)
+    out = evaluate_pusht(_toward_center, n_episodes=2, max_steps=12, video_dir=tmp_path / "vid", video_episodes=1)
+    assert out["max_coverage"] == ref["max_coverage"] and out["n_steps"] == ref["n_steps"]
+    assert out["videos"] == [str(tmp_path / "vid" / "pusht_seed100000.gif")]
+    with Image.open(out["videos"][0]) as im:
+        # the reset frame and one per env step at 10 fps (Pillow merges identical consecutive frames, so count time)
+        total_ms = 0
+        for k in range(im.n_frames):
+            im.seek(k)
+            total_ms += im.info["duration"]
+        assert total_ms == 100 * (out["n_steps"][0] + 1)
+        assert max(im.size) == 256
+    assert not (tmp_path / "vid" / "pusht_seed100001.gif").exists()
+    with pytest.raises(ValueError, match="video_dir"):
+        evaluate_pusht(_toward_center, n_episodes=1, max_steps=8, video_episodes=1)
+
+
+def test_write_gif_rejects_bad_frames(tmp_path):
+    from cdp.video import write_gif
+
+    with pytest.raises(ValueError, match="no frames"):
+        write_gif([], tmp_path / "a.gif")
+    with pytest.raises(ValueError, match="frame 1"):
+        write_gif([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9, 3), np.uint8)], tmp_path / "a.gif")
+    with pytest.raises(ValueError, match="uint8"):
+        write_gif([np.zeros((8, 8, 3), np.float32)], tmp_path / "a.gif")
+    assert not list(tmp_path.iterdir())  # nothing half-written

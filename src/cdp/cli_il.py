@@ -137,6 +137,9 @@ def add_eval(sub) -> None:
                    help="(default: the checkpoint's)")
     p.add_argument("--inference-steps", type=int, default=None, help="(default: the checkpoint's)")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--video", default=None, metavar="DIR",
+                   help="write GIFs of the first --video-episodes episodes here (PushT only)")
+    p.add_argument("--video-episodes", type=int, default=4, help="episodes to record with --video (default: 4)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(2, cores))")
     p.set_defaults(func=_run_eval)
 
@@ -148,9 +151,14 @@ def _run_eval(args) -> int:
     set_threads(args.threads)
     if args.episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
+    if args.video and args.video_episodes < 1:
+        raise ValueError(f"--video-episodes must be >= 1, got {args.video_episodes}")
     res = eval_checkpoint(args.checkpoint, args.episodes, args.max_steps, args.seed_start, args.seed, args.sampler,
-                          args.inference_steps, task=args.task)
+                          args.inference_steps, task=args.task, video_dir=args.video,
+                          video_episodes=args.video_episodes if args.video else 0)
     print(summary_line(res) + f" in {res['seconds']:.1f} s")
+    for v in res.get("videos", []):
+        print(f"wrote {v}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
         print(f"wrote {args.json}")

@@ -355,16 +355,20 @@ def policy_fn_for(policy: DiffusionPolicy, seed: int, sampler: str | None = None
 
 def evaluate_policy(policy: DiffusionPolicy, episodes: int, max_steps: int | None = 300, seed_start: int = 100000,
                     seed: int = 0, sampler: str | None = None, num_inference_steps: int | None = None,
-                    task: str = "pusht") -> dict:
+                    task: str = "pusht", video_dir: str | os.PathLike | None = None,
+                    video_episodes: int = 0) -> dict:
     """Closed-loop evaluation of ``policy`` (use the EMA model) on seeds ``seed_start, seed_start+1, ...``.
 
-    PushT: evaluate_pusht's dict; Lift / Can: :func:`~cdp.envs.robosuite_tasks.evaluate_robosuite`'s dict
+    PushT: evaluate_pusht's dict (with ``video_episodes`` > 0: GIFs of the first episodes in ``video_dir``); Lift / Can: :func:`~cdp.envs.robosuite_tasks.evaluate_robosuite`'s dict
     (``success_rate`` = fraction of episodes where the env's ``_check_success()`` fired within ``max_steps``).
     Both plus ``seconds``. ``max_steps=None``: the task default (300 / 400). Raises ImportError without gym-pusht /
     robosuite, ValueError for an unknown task.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if video_episodes and task != "pusht":
+        raise ValueError(f"rollout videos are implemented for pusht only (robosuite needs an offscreen OpenGL "
+                         f"renderer), not {task!r}")
     c = policy.config
     max_steps = TASK_SPECS[task][1] if max_steps is None else max_steps
     t0 = time.time()
@@ -381,7 +385,8 @@ def evaluate_policy(policy: DiffusionPolicy, episodes: int, max_steps: int | Non
 
     res = evaluate_pusht(policy_fn_for(policy, seed, sampler, num_inference_steps), n_episodes=episodes,
                          seed_start=seed_start, max_steps=max_steps, n_obs_steps=c.n_obs_steps,
-                         n_action_steps=c.n_action_steps, action_offset=action_offset_for(c))
+                         n_action_steps=c.n_action_steps, action_offset=action_offset_for(c),
+                         video_dir=video_dir, video_episodes=video_episodes)
     res["seconds"] = time.time() - t0
     return res
 
@@ -518,9 +523,11 @@ def task_of_checkpoint(checkpoint: str | os.PathLike) -> str:
 
 def eval_checkpoint(checkpoint: str | os.PathLike, episodes: int = 50, max_steps: int | None = None,
                     seed_start: int = 100000, seed: int = 0, sampler: str | None = None,
-                    num_inference_steps: int | None = None, task: str | None = None) -> dict:
+                    num_inference_steps: int | None = None, task: str | None = None,
+                    video_dir: str | os.PathLike | None = None, video_episodes: int = 0) -> dict:
     """Load a checkpoint folder (EMA weights) and evaluate it closed loop (``cdp eval``).
 
+    ``video_dir`` / ``video_episodes``: GIFs of the first episodes (PushT only, see :func:`evaluate_policy`).
     ``task=None``: the task of the run the checkpoint belongs to (:func:`task_of_checkpoint`, PushT if unknown);
     ``max_steps=None``: the task's default (PushT 300, Lift / Can 400). Sampler settings default to the ones stored
     in the checkpoint's policy config. Raises FileNotFoundError for a missing / non-checkpoint folder, ImportError
@@ -528,7 +535,8 @@ def eval_checkpoint(checkpoint: str | os.PathLike, episodes: int = 50, max_steps
     """
     policy = load_policy(checkpoint, use_ema=True)
     task = task_of_checkpoint(checkpoint) if task is None else task
-    res = evaluate_policy(policy, episodes, max_steps, seed_start, seed, sampler, num_inference_steps, task=task)
+    res = evaluate_policy(policy, episodes, max_steps, seed_start, seed, sampler, num_inference_steps, task=task,
+                          video_dir=video_dir, video_episodes=video_episodes)
     res["checkpoint"] = str(checkpoint)
     res["task"] = task
     return res

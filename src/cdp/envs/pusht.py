@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -172,16 +173,20 @@ def _require_gym_pusht() -> None:
         raise ImportError("gym-pusht is not installed; install the extra: pip install 'cdp[pusht]'")
 
 
-def make_pusht_env(seed: int | None = None, max_episode_steps: int | None = 300) -> "PushTLowDim":
+def make_pusht_env(seed: int | None = None, max_episode_steps: int | None = 300,
+                   render: bool = False) -> "PushTLowDim":
     """Create the 20-D low-dim PushT env (gym-pusht 0.1.8 underneath), reset once with ``seed``.
 
     ``max_episode_steps=None`` disables the time limit (used for open-loop replay of long demos; the longest demo
-    has 246 steps). The env's ``terminated`` flag fires at coverage > 0.95.
+    has 246 steps). The env's ``terminated`` flag fires at coverage > 0.95. ``render=True``: ``env.render()``
+    returns (680, 680, 3) uint8 frames (gym-pusht's ``rgb_array`` mode; observations are unchanged).
 
     Raises: ImportError without gym-pusht.
     """
     _require_gym_pusht()
     kw = {} if max_episode_steps is None else {"max_episode_steps": int(max_episode_steps)}
+    if render:
+        kw["render_mode"] = "rgb_array"
     base = gym.make("gym_pusht/PushT-v0", obs_type="state", disable_env_checker=True, **kw)
     env = PushTLowDim(base)
     env.reset(seed=seed)
@@ -258,6 +263,8 @@ def evaluate_pusht(
     n_obs_steps: int = 2,
     n_action_steps: int = 8,
     action_offset: int = 0,
+    video_dir: str | os.PathLike | None = None,
+    video_episodes: int = 0,
 ) -> dict:
     """Closed-loop evaluation with receding-horizon action chunks (Diffusion Policy protocol).
 
@@ -273,11 +280,14 @@ def evaluate_pusht(
 
     Args:
         policy_fn: ``(B, To, 20) float32 numpy -> (B, H, 2)`` actions in pixels (numpy or torch).
+        video_dir / video_episodes: record the first ``video_episodes`` episodes (rendered frames after the reset
+            and after every env step) to ``video_dir/pusht_seed<seed>.gif`` (:func:`cdp.video.write_gif`).
+            Rendering does not change the rollouts.
 
     Returns:
         dict with ``mean_max_coverage``, ``success_rate``, ``mean_max_reward`` (DP's score:
         max of clip(coverage/0.95, 0, 1)), and per-episode lists ``max_coverage``, ``success``, ``n_steps``,
-        ``seeds``.
+        ``seeds`` (and ``videos``, the files written, when recording).
 
     Raises: ValueError for a chunk of the wrong shape / too short, or non-finite actions; ImportError without
         gym-pusht.
@@ -285,14 +295,20 @@ def evaluate_pusht(
     _require_gym_pusht()
     if n_episodes < 1 or n_obs_steps < 1 or n_action_steps < 1 or max_steps < 1 or action_offset < 0:
         raise ValueError("n_episodes, n_obs_steps, n_action_steps, max_steps must be >= 1 and action_offset >= 0")
+    if video_episodes < 0 or (video_episodes > 0 and video_dir is None):
+        raise ValueError("video_episodes must be >= 0, and video_dir is needed to record any")
     seeds = [seed_start + i for i in range(n_episodes)]
-    envs = [make_pusht_env(max_episode_steps=None) for _ in seeds]
+    n_vid = min(video_episodes, n_episodes)
+    envs = [make_pusht_env(max_episode_steps=None, render=i < n_vid) for i in range(n_episodes)]
+    frames: list[list[np.ndarray]] = [[] for _ in range(n_vid)]
     hist, done = [], np.zeros(n_episodes, dtype=bool)
     max_cov = np.zeros(n_episodes)
     steps = np.zeros(n_episodes, dtype=np.int64)
-    for env, sd in zip(envs, seeds):
+    for i, (env, sd) in enumerate(zip(envs, seeds)):
         o, _ = env.reset(seed=sd)
         hist.append([o] * n_obs_steps)
+        if i < n_vid:
+            frames[i].append(env.render())
     while not done.all():
         active = np.nonzero(~done)[0]
         batch = np.stack([np.stack(hist[i][-n_obs_steps:]) for i in active]).astype(np.float32)
@@ -312,6 +328,8 @@ def evaluate_pusht(
         for j, i in enumerate(active):
             for k in range(n_action_steps):
                 o, _, term, _, info = envs[i].step(chunk[j, action_offset + k])
+                if i < n_vid:
+                    frames[i].append(envs[i].render())
                 hist[i].append(o)
                 hist[i] = hist[i][-n_obs_steps:]
                 steps[i] += 1
@@ -321,8 +339,12 @@ def evaluate_pusht(
                     break
     for env in envs:
         env.close()
+    videos = []
+    if n_vid:
+        from cdp.video import write_gif
+        videos = [str(write_gif(frames[i], Path(video_dir) / f"pusht_seed{seeds[i]}.gif")) for i in range(n_vid)]
     success = max_cov > SUCCESS_THRESHOLD
-    return {
+    out = {
         "mean_max_coverage": float(max_cov.mean()),
         "success_rate": float(success.mean()),
         "mean_max_reward": float(np.clip(max_cov / SUCCESS_THRESHOLD, 0, 1).mean()),
@@ -331,3 +353,6 @@ def evaluate_pusht(
         "n_steps": steps.tolist(),
         "seeds": seeds,
     }
+    if n_vid:
+        out["videos"] = videos
+    return out
