@@ -275,7 +275,32 @@ def test_toy_grid_on_ray(tmp_path, capsys):
     assert "| cdp_all | fourmode | " in out and "standard |" in out  # compute-cost row with its base
     # everything finished: a second run skips all cells without starting Ray
     res2 = run_grid(s, workers=2, log=lambda *a: None)
-    assert res2 == {"ran": 0, "skipped": 4, "failed": []}
+    assert res2 == {"ran": 0, "skipped": 4, "failed": [], "nodes": {}}
+
+
+def test_bench_fans_out_to_a_ray_cluster_by_address(tmp_path, capsys):
+    """The same command with --address runs the cells on an existing multi-node Ray cluster (here: two local
+    nodes of one CPU each, ray.cluster_utils.Cluster), and both nodes take cells."""
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        spec = {"name": "tiny", "job": "toy", "out": str(tmp_path), "algos": ["standard", "cdp_all"],
+                "seeds": [0, 1], "overrides": {"steps": 20, "n_data": 256, "n_eval": 50, "hidden": 16,
+                                                "num_steps": 5, "snapshots": 2, "threads": 1}}
+        p = tmp_path / "tiny.yaml"
+        p.write_text(yaml.safe_dump(spec))
+        res = run_grid(load_spec(p), address=cluster.address, log=lambda *a: None)
+        assert res["ran"] == 4 and res["failed"] == []
+        assert len(set(res["nodes"].values())) == 2  # 4 one-CPU cells on two one-CPU nodes: both were used
+        assert all(c.done for c in expand(load_spec(p)))
+    finally:
+        import ray
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def test_publish_replaces_only_the_marked_block(tmp_path):

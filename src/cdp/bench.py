@@ -368,7 +368,9 @@ def _remote_runner():
             log.flush()
             rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=cwd if cwd and os.path.isdir(cwd) else None).returncode
-        return {"rc": rc, "seconds": time.time() - t0, "host": os.uname().nodename}
+        import ray as _ray
+        return {"rc": rc, "seconds": time.time() - t0, "host": os.uname().nodename,
+                "node": _ray.get_runtime_context().get_node_id()}
 
     return run_cell
 
@@ -426,7 +428,11 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def run_grid(spec: Spec, workers: int | None = None, address: str | None = None, log=print) -> dict:
-    """Run the unfinished cells of ``spec`` as Ray tasks; returns {"ran", "skipped", "failed": [labels]}."""
+    """Run the unfinished cells of ``spec`` as Ray tasks (one CPU each).
+
+    ``address``: an existing Ray cluster (``host:port`` or ``ray://host:10001``; cells go to whichever node has a
+    free CPU, and every node needs ``cdp`` installed and the same paths); None: a local Ray with ``workers`` CPUs.
+    Returns {"ran", "skipped", "failed": [labels], "nodes": {label: Ray node id that ran it}}."""
     cells = expand(spec)
     todo = [c for c in cells if not c.done]
     # seed-major order, so an interrupted grid leaves whole seeds (every algo and fraction) rather than whole algos
@@ -436,7 +442,7 @@ def run_grid(spec: Spec, workers: int | None = None, address: str | None = None,
     skipped = len(cells) - len(todo)
     log(f"cdp bench {spec.name}: {len(cells)} cells, {skipped} finished (skipped), {len(todo)} to run")
     if not todo:
-        return {"ran": 0, "skipped": skipped, "failed": []}
+        return {"ran": 0, "skipped": skipped, "failed": [], "nodes": {}}
     if address:
         _check_reachable(address)
     prepare_rl_datasets(spec, {c.dataset for c in todo}, log)
@@ -460,7 +466,7 @@ def run_grid(spec: Spec, workers: int | None = None, address: str | None = None,
         for c in todo:
             args = c.argv()[3:]  # drop "python -m cdp.cli"
             pending[run_cell.remote(args, str(c.out), src, os.getcwd())] = c
-        failed = []
+        failed, nodes = [], {}
         t0 = time.time()
         n = len(pending)
         while pending:
@@ -473,12 +479,16 @@ def run_grid(spec: Spec, workers: int | None = None, address: str | None = None,
             ok = r["rc"] == 0 and c.done
             if not ok:
                 failed.append(c.label())
+            if r.get("node"):
+                nodes[c.label()] = r["node"]
+            where = f" on {r.get('host', '?')}/{str(r['node'])[:8]}" if r.get("node") else ""
             log(f"[{n - len(pending)}/{n}] {c.label()}: {'ok' if ok else 'FAILED rc=' + str(r['rc'])} "
-                f"in {r['seconds']:.1f} s (elapsed {time.time() - t0:.0f} s){'' if ok else '; see ' + str(c.out / 'bench.log')}")
+                f"in {r['seconds']:.1f} s{where} (elapsed {time.time() - t0:.0f} s)"
+                f"{'' if ok else '; see ' + str(c.out / 'bench.log')}")
     finally:
         if started_here:
             ray.shutdown()
-    return {"ran": len(todo), "skipped": skipped, "failed": failed}
+    return {"ran": len(todo), "skipped": skipped, "failed": failed, "nodes": nodes}
 
 
 # ---------------------------------------------------------------------------------------------------- aggregation
