@@ -344,8 +344,9 @@ def policy_fn_for(policy: DiffusionPolicy, seed: int, sampler: str | None = None
     gen = torch.Generator().manual_seed(seed)
 
     def fn(obs: np.ndarray) -> np.ndarray:
-        a = policy.sample(torch.as_tensor(obs, dtype=torch.float32), generator=gen, sampler=sampler,
-                          num_inference_steps=num_inference_steps)
+        with torch.inference_mode():
+            a = policy.sample(torch.as_tensor(obs, dtype=torch.float32), generator=gen, sampler=sampler,
+                              num_inference_steps=num_inference_steps)
         if a.dim() == 2:  # single action (B, Da) → chunk of one
             a = a.unsqueeze(1)
         return a.numpy()

@@ -361,10 +361,13 @@ class DiffusionPolicy(nn.Module):
         self._obs_queue.clear()
         self._action_queue.clear()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def select_action(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One closed-loop step. obs: (B, Do) → action (B, Da).
 
+        Runs under ``torch.inference_mode`` (measured 12% faster than ``no_grad`` for a batch-1 DPM-Solver++ action,
+        docs/speed.md), so the returned action is an inference tensor: use it for control, not in an autograd graph
+        (call :meth:`sample` for that).
         The last To observations are kept (the first is repeated at the episode start); a chunk is sampled when the
         action queue is empty and its actions ``[To-1, To-1+n_action_steps)`` are queued (Diffusion Policy's
         execution window; for H = 1 the single action is used).
