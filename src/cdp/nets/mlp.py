@@ -157,11 +157,12 @@ class MLPDenoiser(nn.Module):
 
     def forward_and_jacobian(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, n_jac: int
                              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The forward pass on all B rows and, in the same matrix products, the input Jacobian of the first ``n_jac``.
+        """The forward pass on all B rows and, in the same layer loop, the input Jacobian of the first ``n_jac``.
 
-        Each Linear multiplies one stacked matrix ``[h (B rows); Jᵀ rows (n_jac·d)]`` by its weight, so the
-        contraction regulariser adds n_jac·d rows to the products the diffusion loss already does (instead of a
-        second forward pass with its own small products), and the backward pass forms one weight gradient per layer.
+        The Jacobian rows reuse the forward's pre-activations (no second forward pass, no second time embedding):
+        per layer, Jᵀ ← Mish'(z[:n_jac]) ⊙ (Jᵀ Wᵀ), one (n_jac·d, width) product beside the batch's. Stacking the
+        Jacobian rows into the batch's matrix product was measured no faster (the cat / slice backward cost what the
+        merged product saved; docs/speed.md).
 
         Args:
             x: (B, Da) or (B, H, Da). t: (B,). cond: (B, Dc) or None. n_jac: 0 ≤ n_jac ≤ B.
