@@ -12,8 +12,9 @@ Everything is loaded into memory as float32 numpy arrays held by :class:`Episodi
 are read (the PushT zarr also contains a 2.8 GB image array which is never touched by the low-dim loaders).
 
 Windowing follows Diffusion Policy's ``SequenceSampler`` convention (diffusion_policy/common/sampler.py), see
-:class:`SequenceWindows`. Normalisation follows DP's ``LinearNormalizer`` "limits" mode, see
-:class:`MinMaxNormalizer`. No code is taken from either project; they were read for conventions only.
+:class:`SequenceWindows`. Normalisation follows DP's ``LinearNormalizer`` "limits" mode, done by
+:class:`cdp.normalization.Normalizer` (mode ``"minmax"``), which travels inside the policy's checkpoint. No code
+is taken from either project; they were read for conventions only.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from cdp.normalization import Normalizer
 
 __all__ = [
     "EpisodicDataset",
@@ -35,7 +39,6 @@ __all__ = [
     "load_robomimic_hdf5",
     "subsample_episodes",
     "SequenceWindows",
-    "MinMaxNormalizer",
     "PUSHT_LOWDIM_OBS_KEYS",
     "default_pusht_zarr_path",
 ]
@@ -486,7 +489,7 @@ class SequenceWindows(Dataset):
         current: (M,) int64 global index of each window's current step ``t`` (before clipping).
 
     Returns per item: ``{"obs": (To, Do) float32, "action": (H, Da) float32}`` tensors, normalised when normalisers
-    are given.
+    are given (any object with ``normalize(tensor)``, e.g. a fitted :class:`cdp.normalization.Normalizer`).
 
     Raises:
         ValueError: To < 1, H < 1, H < To with ``align="dp"``, unknown ``align``, or negative pads.
@@ -501,8 +504,8 @@ class SequenceWindows(Dataset):
         pad_before: int | None = None,
         pad_after: int | None = None,
         align: str = "dp",
-        obs_normalizer: "MinMaxNormalizer | None" = None,
-        action_normalizer: "MinMaxNormalizer | None" = None,
+        obs_normalizer: "Normalizer | None" = None,
+        action_normalizer: "Normalizer | None" = None,
     ) -> None:
         To, H = int(n_obs_steps), int(horizon)
         if To < 1 or H < 1:
@@ -556,86 +559,3 @@ class SequenceWindows(Dataset):
         if self.action_normalizer is not None:
             act = self.action_normalizer.normalize(act)
         return {"obs": obs, "action": act}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Normaliser
-# --------------------------------------------------------------------------------------------------------------------
-class MinMaxNormalizer:
-    """Per-dimension affine map of data ``[min, max] -> [-1, 1]`` (DP's LinearNormalizer, mode "limits").
-
-    ``normalize(x) = (x - center) / half_range`` with ``center = (max+min)/2``, ``half_range = (max-min)/2``.
-    Dimensions whose range is below ``eps`` (constant dims) get ``half_range = 1``, i.e. are only centred (they
-    map to 0 on the data), so nothing is divided by ~0. Statistics are kept in float64; inputs are computed in
-    float64 and returned in their own dtype, so ``unnormalize(normalize(x))`` equals ``x`` to float64 precision for
-    float64 inputs and to float32 rounding (~1e-7 relative to the range) for float32 inputs.
-
-    Shapes: ``x`` is (..., D); statistics are (D,).
-    """
-
-    def __init__(self, min: torch.Tensor, max: torch.Tensor, eps: float = 1e-4) -> None:
-        mn = torch.as_tensor(min, dtype=torch.float64).reshape(-1)
-        mx = torch.as_tensor(max, dtype=torch.float64).reshape(-1)
-        if mn.shape != mx.shape:
-            raise ValueError(f"min and max shapes differ: {tuple(mn.shape)} vs {tuple(mx.shape)}")
-        if not (torch.isfinite(mn).all() and torch.isfinite(mx).all()):
-            raise ValueError("min/max contain NaN or inf")
-        if (mx < mn).any():
-            raise ValueError("max < min in some dimension")
-        self.min, self.max, self.eps = mn, mx, float(eps)
-        self.center = (mx + mn) / 2
-        half = (mx - mn) / 2
-        self.constant = (mx - mn) < eps
-        self.half_range = torch.where(self.constant, torch.ones_like(half), half)
-
-    @classmethod
-    def fit(cls, x: np.ndarray | torch.Tensor, eps: float = 1e-4) -> "MinMaxNormalizer":
-        """Fit on data ``x`` (N, D) or (..., D) (all leading dims pooled).
-
-        Raises: ValueError for empty data or NaN/inf."""
-        t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(torch.float64)
-        if t.ndim < 1 or t.numel() == 0:
-            raise ValueError("cannot fit a normaliser on empty data")
-        t = t.reshape(-1, t.shape[-1])
-        if not torch.isfinite(t).all():
-            raise ValueError("cannot fit a normaliser on data containing NaN/inf")
-        return cls(t.min(0).values, t.max(0).values, eps=eps)
-
-    @property
-    def dim(self) -> int:
-        return int(self.min.shape[0])
-
-    def _prep(self, x):
-        is_np = isinstance(x, np.ndarray)
-        t = torch.from_numpy(x) if is_np else torch.as_tensor(x)
-        if t.shape[-1] != self.dim:
-            raise ValueError(f"last dim {t.shape[-1]} does not match normaliser dim {self.dim}")
-        dtype = t.dtype if t.is_floating_point() else torch.float32
-        return t, dtype, is_np
-
-    def normalize(self, x):
-        """(..., D) data units -> (..., D) in [-1, 1] on the fitted data. numpy in -> numpy out."""
-        t, dtype, is_np = self._prep(x)
-        c, h = self.center.to(t.device), self.half_range.to(t.device)
-        y = ((t.to(torch.float64) - c) / h).to(dtype)
-        return y.numpy() if is_np else y
-
-    def unnormalize(self, y):
-        """Inverse of :meth:`normalize`."""
-        t, dtype, is_np = self._prep(y)
-        c, h = self.center.to(t.device), self.half_range.to(t.device)
-        x = (t.to(torch.float64) * h + c).to(dtype)
-        return x.numpy() if is_np else x
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """``{"min", "max", "eps"}`` float64 tensors (safe for torch.save / safetensors)."""
-        return {"min": self.min.clone(), "max": self.max.clone(), "eps": torch.tensor(self.eps, dtype=torch.float64)}
-
-    @classmethod
-    def from_state_dict(cls, sd: dict) -> "MinMaxNormalizer":
-        """Rebuild from :meth:`state_dict` output. Raises ValueError on missing entries."""
-        missing = [k for k in ("min", "max") if k not in sd]
-        if missing:
-            raise ValueError(f"normaliser state dict is missing {missing}; has {sorted(sd.keys())}")
-        eps = float(sd["eps"]) if "eps" in sd else 1e-4
-        return cls(sd["min"], sd["max"], eps=eps)

@@ -47,7 +47,6 @@ __all__ = [
     "subsample_trajectories",
     "trajectory_return_range",
     "normalize_rewards",
-    "ObservationNormalizer",
     "normalized_score",
     "ref_scores",
     "check_matches_env",
@@ -604,59 +603,6 @@ def normalize_rewards(
     new = ds.with_rewards(out.astype(np.float32))
     new.meta["reward_mode"] = mode
     return new
-
-
-class ObservationNormalizer:
-    """Per-dimension observation standardisation ``(o - mean) / std``.
-
-    ``std`` is the population std of the dataset observations plus ``eps``
-    (default 1e-3, as in TD3+BC / Diffusion-QL-style pipelines), so constant
-    dimensions do not blow up.
-
-    Args:
-        mean: (Do,) array.
-        std: (Do,) array, strictly positive.
-    """
-
-    def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1).copy()
-        self.std = np.asarray(std, dtype=np.float32).reshape(-1).copy()
-        if self.mean.shape != self.std.shape:
-            raise ValueError(f"mean {self.mean.shape} and std {self.std.shape} differ")
-        if not (np.all(np.isfinite(self.mean)) and np.all(np.isfinite(self.std)) and np.all(self.std > 0)):
-            raise ValueError("mean must be finite and std finite and > 0")
-
-    @classmethod
-    def fit(cls, ds: OfflineDataset | np.ndarray, eps: float = 1e-3) -> "ObservationNormalizer":
-        """Fit on ``ds.observations`` (N, Do) or a raw (N, Do) array."""
-        x = ds.observations if isinstance(ds, OfflineDataset) else np.asarray(ds)
-        x = x.astype(np.float64)
-        return cls(x.mean(0), x.std(0) + eps)
-
-    def __call__(self, obs: np.ndarray) -> np.ndarray:
-        """Normalise (..., Do) observations."""
-        return ((np.asarray(obs, dtype=np.float32) - self.mean) / self.std).astype(np.float32)
-
-    normalize = __call__
-
-    def unnormalize(self, obs: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`normalize`, (..., Do)."""
-        return (np.asarray(obs, dtype=np.float32) * self.std + self.mean).astype(np.float32)
-
-    def apply(self, ds: OfflineDataset) -> OfflineDataset:
-        """Copy of ``ds`` with observations and next_observations normalised."""
-        return ds.with_observations(self(ds.observations), self(ds.next_observations))
-
-    def state_dict(self) -> dict[str, list[float]]:
-        """JSON/YAML-friendly state; float32 values round-trip exactly."""
-        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
-
-    @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any]) -> "ObservationNormalizer":
-        try:
-            return cls(np.asarray(state["mean"]), np.asarray(state["std"]))
-        except KeyError as e:
-            raise KeyError(f"normalizer state needs 'mean' and 'std', got {sorted(state)}") from e
 
 
 # --------------------------------------------------------------------------
