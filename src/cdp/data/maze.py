@@ -51,7 +51,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cdp.data.rl import OfflineDataset, normalized_score, write_d4rl_hdf5
+from cdp.data.rl import OfflineDataset, normalized_score, vector_rollout, write_d4rl_hdf5
 
 __all__ = [
     "GoalFlattenObservation",
@@ -296,26 +296,10 @@ def evaluate_policy(
     ]
     venv = gym.vector.SyncVectorEnv(fns)
     try:
-        obs, _ = venv.reset(seed=[seed + i for i in range(n_episodes)])
-        returns = np.zeros(n_episodes)
-        done = np.zeros(n_episodes, dtype=bool)
-        success = np.zeros(n_episodes, dtype=bool)
-        steps = 0
-        while not done.all():
-            act = policy_fn(obs.astype(np.float32))
-            if hasattr(act, "detach"):
-                act = act.detach().cpu().numpy()
-            act = np.asarray(act, dtype=np.float32).reshape(n_episodes, -1)
-            obs, rew, term, trunc, info = venv.step(act)
-            steps += int((~done).sum())
-            returns += np.where(done, 0.0, rew)
-            fin = (term | trunc) & ~done
-            if fin.any():
-                succ = np.asarray(info.get("success", np.zeros(n_episodes, dtype=bool)))
-                success[fin] = succ[fin]
-            done |= term | trunc
+        returns, lengths, success = vector_rollout(venv, policy_fn, n_episodes, seed)
     finally:
         venv.close()
+    steps = int(lengths.sum())
     if ref_min is None or ref_max is None:
         ref = MAZE_REF_SCORES.get(_ref_key(env_name, reward_type))
         if ref is not None:

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .rl import OfflineDataset, load_d4rl_hdf5, normalized_score, ref_scores, write_d4rl_hdf5
+from .rl import OfflineDataset, load_d4rl_hdf5, normalized_score, ref_scores, vector_rollout, write_d4rl_hdf5
 
 #: Gymnasium env id → D4RL robot name (for reference scores).
 LOCOMOTION_ENVS = {"Hopper-v5": "hopper", "Walker2d-v5": "walker2d", "HalfCheetah-v5": "halfcheetah"}
@@ -158,19 +158,7 @@ def evaluate_locomotion(
     venv = gym.vector.SyncVectorEnv([lambda: gym.make(env_id, **kw) for _ in range(n_episodes)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     try:
-        obs, _ = venv.reset(seed=[seed + i for i in range(n_episodes)])
-        returns = np.zeros(n_episodes)
-        lengths = np.zeros(n_episodes, dtype=np.int64)
-        done = np.zeros(n_episodes, dtype=bool)
-        while not done.all():
-            act = policy_fn(obs.astype(np.float32))
-            if hasattr(act, "detach"):
-                act = act.detach().cpu().numpy()
-            act = np.asarray(act, dtype=np.float32).reshape(n_episodes, -1)
-            obs, rew, term, trunc, _ = venv.step(act)
-            returns += np.where(done, 0.0, rew)
-            lengths += ~done
-            done |= term | trunc
+        returns, lengths, _ = vector_rollout(venv, policy_fn, n_episodes, seed)
     finally:
         venv.close()
     ns = np.asarray(normalized_score(None, returns, ref_min, ref_max))

@@ -34,7 +34,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -649,6 +649,39 @@ def ref_scores(env_name: str) -> tuple[float, float]:
     if robot in D4RL_REF_SCORES:
         return D4RL_REF_SCORES[robot]
     raise KeyError(f"no D4RL reference scores for {env_name!r}; known: {sorted(D4RL_REF_SCORES)}")
+
+
+def vector_rollout(venv, policy_fn: Callable[[np.ndarray], Any], n_episodes: int,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run the first episode of every sub-env of a Gymnasium vector env in lock-step, sub-env i seeded ``seed + i``.
+
+    Rewards after an episode's end are masked (whatever the vector env's autoreset mode), so each sub-env
+    contributes exactly one episode. Used by the PointMaze and MuJoCo evaluations.
+
+    Args:
+        venv: a ``gymnasium.vector`` env with ``n_episodes`` sub-envs (closed by the caller).
+        policy_fn: (B, Do) float32 observations → (B, Da) actions (numpy or torch).
+    Returns:
+        (returns (n,), lengths (n,) int64, success (n,) bool — ``info["success"]`` at each episode's last step,
+        False where the env reports none).
+    """
+    obs, _ = venv.reset(seed=[seed + i for i in range(n_episodes)])
+    returns = np.zeros(n_episodes)
+    lengths = np.zeros(n_episodes, dtype=np.int64)
+    success = np.zeros(n_episodes, dtype=bool)
+    done = np.zeros(n_episodes, dtype=bool)
+    while not done.all():
+        act = policy_fn(obs.astype(np.float32))
+        if hasattr(act, "detach"):
+            act = act.detach().cpu().numpy()
+        obs, rew, term, trunc, info = venv.step(np.asarray(act, dtype=np.float32).reshape(n_episodes, -1))
+        returns += np.where(done, 0.0, rew)
+        lengths += ~done
+        fin = (term | trunc) & ~done
+        if fin.any() and "success" in info:
+            success[fin] = np.asarray(info["success"], dtype=bool)[fin]
+        done |= term | trunc
+    return returns, lengths, success
 
 
 def normalized_score(
