@@ -57,6 +57,8 @@ def test_presets_and_windows(tmp_path):
     for name, (net, H, To, Ta, contractive) in PRESETS.items():
         pc = tiny(p, policy=name).policy_config(20, 2)
         assert (pc.network, pc.horizon, pc.n_obs_steps, pc.n_action_steps) == (net, H, To, Ta)
+        if net == "gmm":  # BC-GMM: not a diffusion policy (tested below)
+            continue
         assert (pc.contraction is not None) == contractive
         assert action_offset_for(pc) == (To - 1 if H > 1 else 0)
         obs, act = make_windows(ds, pc)
@@ -219,3 +221,66 @@ def test_cli_none_overrides_non_none_defaults(tmp_path):
     cfg = config_from_args(build_parser().parse_args(["train", "--out", "o", "--config", str(y),
                                                       "--max-episodes", "none"]))
     assert cfg.max_episodes is None and cfg.cdp_max_samples == 4
+
+
+def test_bc_gmm_job_learns_saves_reloads_and_evaluates(tmp_path):
+    """BC-GMM through the same job and run folder: NLL falls, the checkpoint reloads to identical actions, the
+    mixture fits a deterministic target, and `cdp eval` reads it."""
+    from cdp.policies.bc_gmm import BCGMMConfig, BCGMMPolicy
+
+    p = make_pusht_zarr(tmp_path / "p.zarr")
+    out = tmp_path / "gmm"
+    cfg = tiny(p, policy="bc_gmm", steps=60, gmm_hidden=32, gmm_layers=2, gmm_modes=3, log_every=10)
+    res = run_il(cfg, out, progress=False)
+    assert res["diagnostics"]["skipped"].startswith("bc_gmm is not a diffusion policy")
+    losses = [r["train/loss"] for r in json_lines(out / "metrics.jsonl") if "train/loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    pol = load_policy(out / "checkpoints" / "last")
+    assert isinstance(pol, BCGMMPolicy) and pol.config.num_modes == 3 and pol.config.hidden_dims == (32, 32)
+    obs = torch.rand(4, 2, 20) * 400 + 50
+    a1, a2 = pol.sample(obs), load_policy(out / "checkpoints" / "last").sample(obs)
+    assert a1.shape == (4, 2) and torch.equal(a1, a2)
+    if HAVE_GYM_PUSHT:
+        assert set(res["eval"]) >= {"mean_max_coverage", "success_rate"}
+        assert main(["eval", "--checkpoint", str(out / "checkpoints" / "last"), "--episodes", "1",
+                     "--max-steps", "8", "--threads", "1"]) == 0
+    # the mixture fits a deterministic map obs -> action (in data units) from scratch
+    torch.manual_seed(0)
+    g = BCGMMPolicy(BCGMMConfig(obs_dim=3, action_dim=2, n_obs_steps=2, hidden_dims=(64, 64), num_modes=2))
+    o = torch.rand(512, 2, 3)
+    a = torch.stack([o[:, -1, 0] * 10 + 3, o[:, -1, 1] - o[:, 0, 2]], 1)
+    g.fit_normalizers(o, a)
+    opt = torch.optim.Adam(g.net.parameters(), lr=3e-3)
+    for _ in range(400):
+        loss, m = g.compute_loss(o, a)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    err = (g.sample(o) - a).abs().mean(0)
+    assert err[0] < 0.3 and err[1] < 0.1, err  # ranges 10 and ~2; predicting the mean would give ~2.5 and ~0.4
+    with pytest.raises(ValueError, match="obs must have shape"):
+        g.sample(torch.rand(4, 3, 3))
+    with pytest.raises(ValueError, match="actions contain NaN"):
+        g.compute_loss(o[:2], torch.full((2, 2), float("nan")))
+    with pytest.raises(ValueError, match="horizon and n_action_steps must be 1"):
+        BCGMMConfig(obs_dim=3, action_dim=2, horizon=4)
+    assert BCGMMConfig.from_dict(g.config.to_dict()) == g.config
+
+
+def json_lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_resume_a_run_made_before_a_config_field_existed(tmp_path):
+    p = make_pusht_zarr(tmp_path / "p.zarr")
+    out = tmp_path / "old"
+    run_il(tiny(p, policy="dbc", steps=10, eval_episodes=0, diag_obs=0), out, progress=False)
+    c = yaml.safe_load((out / "config.yaml").read_text())
+    for k in ("gmm_hidden", "gmm_layers", "gmm_modes"):  # fields added later: absent from older runs
+        del c["il"][k]
+    (out / "config.yaml").write_text(yaml.safe_dump(c))
+    res = run_il(tiny(p, policy="dbc", steps=20, eval_episodes=0, diag_obs=0), out, resume=True, progress=False)
+    assert res["train"]["steps_run"] == 10
+    with pytest.raises(ValueError, match="gmm_modes"):  # a non-default value is still a real difference
+        run_il(tiny(p, policy="dbc", steps=30, eval_episodes=0, diag_obs=0, gmm_modes=3), out, resume=True,
+               progress=False)

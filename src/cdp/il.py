@@ -21,6 +21,7 @@ dp_dit        dit      16   2   8   DiT denoiser (transformer variant)
 cdp_dit       dit      16   2   8   same + contraction regulariser
 dbc           mlp      1    2   1   Diffusion BC (Pearce et al., ICLR 2023): one action from two observations
 cdp_dbc       mlp      1    2   1   same + contraction regulariser
+bc_gmm        gmm      1    2   1   BC-GMM baseline (robomimic): 5-mode Gaussian mixture, MLP 2×1024, NLL
 ============  =======  ===  ==  ==  ==========================================================
 
 Chunked presets (H > 1) are trained on ``SequenceWindows(align="dp")`` (the chunk starts at the oldest observed
@@ -49,6 +50,7 @@ import yaml
 
 from .data.il import (SequenceWindows, default_pusht_zarr_path, load_pusht_lowdim, load_robomimic_hdf5,
                       subsample_episodes)
+from .policies.bc_gmm import BCGMMConfig, BCGMMPolicy
 from .policy import DiffusionPolicy, DiffusionPolicyConfig
 from .runs import RunDir, _plain, load_policy
 from .samplers import SAMPLERS
@@ -62,6 +64,7 @@ PRESETS: dict[str, tuple[str, int, int, int, bool]] = {
     "cdp_dit": ("dit", 16, 2, 8, True),
     "dbc": ("mlp", 1, 2, 1, False),
     "cdp_dbc": ("mlp", 1, 2, 1, True),
+    "bc_gmm": ("gmm", 1, 2, 1, False),
 }
 TASKS = ("pusht", "lift", "can")
 #: task → (action dim, default evaluation length in env steps): PushT 300 (DP's max_steps), robomimic's horizon 400
@@ -91,6 +94,7 @@ class ILConfig:
         horizon / n_obs_steps / n_action_steps: override the preset's H / To / Ta (None: preset value).
         unet_down_dims / unet_time_embed_dim / unet_kernel_size: UNet size (CPU default (64, 128, 256), 64, 5).
         dit_d_model / dit_layers / dit_heads: DiT size. mlp_hidden / mlp_layers: MLP size (DBC).
+        gmm_hidden / gmm_layers / gmm_modes: BC-GMM trunk (robomimic: 2 × 1024) and mixture components (5).
         schedule / num_diffusion_steps / prediction: noise schedule (DP: cosine, T = 100, ε).
         ema_decay: EMA of the evaluation weights (DP uses up to 0.9999 over much longer runs).
         ema_power: None (warm-up (1+k)/(10+k)) or DP's power schedule (0.75; ema_decay is then its maximum).
@@ -133,6 +137,9 @@ class ILConfig:
     dit_heads: int = 4
     mlp_hidden: int = 256
     mlp_layers: int = 3
+    gmm_hidden: int = 1024
+    gmm_layers: int = 2
+    gmm_modes: int = 5
     schedule: str = "cosine"
     num_diffusion_steps: int = 100
     prediction: str = "epsilon"
@@ -206,9 +213,14 @@ class ILConfig:
                            seed=self.seed, progress=progress, lr_schedule=self.lr_schedule,
                            lr_warmup_steps=self.lr_warmup_steps)
 
-    def policy_config(self, obs_dim: int, action_dim: int) -> DiffusionPolicyConfig:
-        """The :class:`DiffusionPolicyConfig` of this run for observations of dim ``obs_dim`` (PushT: 20)."""
+    def policy_config(self, obs_dim: int, action_dim: int) -> "DiffusionPolicyConfig | BCGMMConfig":
+        """The policy config of this run for observations of dim ``obs_dim`` (PushT: 20):
+        :class:`DiffusionPolicyConfig`, or :class:`~cdp.policies.bc_gmm.BCGMMConfig` for ``bc_gmm``."""
         net, H, To, Ta = self.shape()
+        if net == "gmm":
+            return BCGMMConfig(obs_dim=obs_dim, action_dim=action_dim, n_obs_steps=To, horizon=H, n_action_steps=Ta,
+                               hidden_dims=(self.gmm_hidden,) * self.gmm_layers, num_modes=self.gmm_modes,
+                               ema_decay=self.ema_decay, ema_power=self.ema_power)
         if net == "unet":
             kw: dict[str, Any] = {"down_dims": list(self.unet_down_dims), "time_embed_dim": self.unet_time_embed_dim,
                                   "kernel_size": self.unet_kernel_size}
@@ -425,7 +437,9 @@ def _check_resume(run_path: Path, cfg: ILConfig) -> None:
         return
     saved = (yaml.safe_load(p.read_text()) or {}).get("il", {})
     now = yaml.safe_load(yaml.safe_dump(_plain(cfg.to_dict())))
-    diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    # a field added after the run was made is absent from its config.yaml: it had the default then
+    default = yaml.safe_load(yaml.safe_dump(_plain(ILConfig().to_dict())))
+    diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k, default.get(k)) != now[k])
     if diff:
         raise ValueError(f"cannot resume {run_path}: settings differ from its config.yaml: {diff}")
 
@@ -461,7 +475,8 @@ def run_il(cfg: ILConfig, out_dir: str | os.PathLike, resume: bool = False, prog
         _check_resume(out, cfg)
     ds = load_demos(cfg, path)
     torch.manual_seed(cfg.seed)
-    pol = DiffusionPolicy(cfg.policy_config(ds.obs_dim, ds.action_dim))
+    pc = cfg.policy_config(ds.obs_dim, ds.action_dim)
+    pol = BCGMMPolicy(pc) if isinstance(pc, BCGMMConfig) else DiffusionPolicy(pc)
     obs, act = make_windows(ds, pol.config)
     pol.fit_normalizers(obs, act)
     run = RunDir(out, config={"job": "il", "il": cfg.to_dict(), "policy": pol.config.to_dict(), src_key: path})
@@ -497,7 +512,9 @@ def run_il(cfg: ILConfig, out_dir: str | os.PathLike, resume: bool = False, prog
     else:
         results["eval"] = {"skipped": "eval_episodes = 0"}
     n_obs, n_samples = cfg.diag_sizes()
-    if n_obs > 0 and n_samples > 0:
+    if not isinstance(policy, DiffusionPolicy):
+        results["diagnostics"] = {"skipped": f"{cfg.policy} is not a diffusion policy (no sampling flow)"}
+    elif n_obs > 0 and n_samples > 0:
         g = torch.Generator().manual_seed(cfg.seed + 7)
         pick = torch.randperm(obs.shape[0], generator=g)[:n_obs]
         diag = contraction_diagnostics(policy, obs[pick], n_samples, seed=cfg.seed)

@@ -162,13 +162,18 @@ def save_policy(directory: str | os.PathLike, policy, ema=None, step: int = 0, e
 
 
 def load_policy(directory: str | os.PathLike, use_ema: bool = True):
-    """Load a :class:`~cdp.policy.DiffusionPolicy` from a checkpoint folder (EMA weights when present)."""
+    """Load a :class:`~cdp.policy.DiffusionPolicy` (or a :class:`~cdp.policies.bc_gmm.BCGMMPolicy`) from a
+    checkpoint folder (EMA weights when present). Raises FileNotFoundError (not a checkpoint) or ValueError (a
+    checkpoint of another class)."""
+    from .policies.bc_gmm import BCGMMConfig, BCGMMPolicy
     from .policy import DiffusionPolicy, DiffusionPolicyConfig
 
     tensors, meta, _ = load_checkpoint(directory)
-    if meta.get("class") != "DiffusionPolicy":
-        raise ValueError(f"checkpoint {directory} holds a {meta.get('class')!r}, not a DiffusionPolicy")
-    policy = DiffusionPolicy(DiffusionPolicyConfig.from_dict(meta["config"]))
+    classes = {"DiffusionPolicy": (DiffusionPolicy, DiffusionPolicyConfig), "BCGMMPolicy": (BCGMMPolicy, BCGMMConfig)}
+    if meta.get("class") not in classes:
+        raise ValueError(f"checkpoint {directory} holds a {meta.get('class')!r}, not one of {sorted(classes)}")
+    cls, cfg_cls = classes[meta["class"]]
+    policy = cls(cfg_cls.from_dict(meta["config"]))
     prefix = "ema." if use_ema and any(k.startswith("ema.") for k in tensors) else "model."
     sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     policy.load_state_dict(sd)
