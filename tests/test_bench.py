@@ -5,6 +5,7 @@ import math
 import statistics
 
 import numpy as np
+import torch
 import pytest
 import yaml
 
@@ -197,8 +198,11 @@ def _fake_rl(s):
             d.mkdir(parents=True)
             diag = {"lambda_hat_mean": -0.1 * (seed + 1), "frac_points_contractive": 0.5} if algo == "cdp" else None
             sec = (2.0 if algo == "bc" else 6.0) * (1 + seed)  # 10 steps: bc 200/400/600, cdp 3x that, s per 1k
+            timing = {"train_s": sec}
+            if seed < 2:  # runs made before the latency field existed lack it
+                timing["act_ms_batch1"] = (1.0 if algo == "bc" else 4.0) + seed
             (d / "results.json").write_text(json.dumps({
-                "normalized_score_mean": x, "success_rate": x / 100, "steps": 10, "timing": {"train_s": sec},
+                "normalized_score_mean": x, "success_rate": x / 100, "steps": 10, "timing": timing,
                 "contraction_diagnostics": diag}))
             with open(d / "metrics.jsonl", "w") as f:
                 for step in (5, 10):
@@ -240,7 +244,9 @@ def test_aggregation_numbers(tmp_path):
     assert "| bc | PointMaze_UMaze-v3 | 1 | 3 | 30 ± 26.5 | 30 |" in md
     assert "| cdp | PointMaze_UMaze-v3 | 70 ± 20 | 40.5 ± 0.707 | -29.5 | 0.58 |" in md  # data-scarce table
     # compute cost: median [min, max] over cdp's 5 cells; every cdp cell is 3x its same-(fraction, seed) bc cell
-    assert "| cdp | PointMaze_UMaze-v3 | 1200.0 [600.0, 1800.0] | bc | 3.00 (n = 5) |" in md
+    # latency: cdp cells with the field: seed 0 (4.0 ms) and seed 1 (5.0 ms) at both fractions → median 4.5, 4 cells
+    assert "| cdp | PointMaze_UMaze-v3 | 1200.0 [600.0, 1800.0] | bc | 3.00 (n = 5) | 4.5 (4) |" in md
+    assert "| bc | PointMaze_UMaze-v3 | 400.0 [200.0, 600.0] | – | – | 1.5 (4) |" in md
     assert "## Contraction" in md and "Unfinished cells (1)" in md
     out = s.root / "summary"
     for f in ("summary.md", "summary.csv", "cells.csv", "bar.png", "curves.png"):
@@ -342,3 +348,13 @@ def test_cli_publish_checks_markers_before_running(tmp_path, capsys):
     assert main(["bench", str(spec), "--publish", str(page), "--aggregate-only", "--no-plots"]) == 0
     assert "Unfinished cells (12)" in page.read_text()
     assert f"`cdp bench {spec} --publish {page}`" in page.read_text()
+
+
+def test_median_call_ms_times_a_call():
+    import time as _time
+
+    from cdp.runs import median_call_ms
+    calls = []
+    ms = median_call_ms(lambda: (calls.append(torch.is_inference_mode_enabled()), _time.sleep(0.003)), n=5, warmup=2)
+    assert len(calls) == 7 and all(calls)  # warm-up + timed calls, all under inference_mode
+    assert 2.9 <= ms < 50

@@ -86,6 +86,7 @@ def test_run_il_writes_run_and_reloads(tmp_path):
     for k in ("config", "policy_config", "data", "n_params", "train", "eval", "diagnostics", "checkpoint"):
         assert k in saved
     assert saved["data"]["episodes"] == 4 and saved["train"]["steps_run"] == 20
+    assert saved["timing"]["act_ms_batch1"] > 0
     assert np.isfinite(saved["diagnostics"]["lambda_hat_mean"])
     assert any("train/loss" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
     assert yaml.safe_load((out / "config.yaml").read_text())["il"]["policy"] == "dp_unet"

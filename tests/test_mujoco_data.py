@@ -141,3 +141,4 @@ def test_cdp_rl_on_a_generated_hopper_dataset(tmp_path):
     assert res["env"] == "Hopper-v5" and res["steps"] == 3 and res["success_rate"] is None
     assert [e["step"] for e in res["evals"]] == [3]  # the in-loop evaluation is the reported one
     assert np.isfinite(res["normalized_score_mean"]) and res["contraction_diagnostics"]["n_states"] > 0
+    assert res["timing"]["act_ms_batch1"] > 0  # one batch-1 decision (candidates + selection), measured after training

@@ -518,6 +518,7 @@ def extract(job: str, algo: str, res: dict) -> dict[str, float]:
         diag = res.get("contraction_diagnostics") or {}
         return {"main": _num(res.get("normalized_score_mean")), "success": _num(res.get("success_rate")),
                 "sec_per_1k": 1000 * train_s / steps if steps and steps > 0 else nan,
+                "act_ms": _num(_get(res, "timing", "act_ms_batch1")),
                 "lambda_mean": _num(diag.get("lambda_hat_mean")),
                 "frac_contractive": _num(diag.get("frac_points_contractive"))}
     if job == "il":
@@ -527,11 +528,13 @@ def extract(job: str, algo: str, res: dict) -> dict[str, float]:
         main = ev.get("mean_max_coverage", ev.get("success_rate"))
         return {"main": _num(main), "success": _num(ev.get("success_rate")),
                 "sec_per_1k": _num(_get(res, "train", "sec_per_1k_steps")),
+                "act_ms": _num(_get(res, "timing", "act_ms_batch1")),
                 "lambda_mean": _num(diag.get("lambda_hat_mean")), "frac_contractive": _num(diag.get("frac_contractive"))}
     m = _get(res, "variants", algo) or {}
     steps = _num(_get(res, "config", "steps"))
     return {"main": _num(m.get("off_support")), "success": nan,
             "sec_per_1k": 1000 * _num(m.get("train_seconds")) / steps if steps and steps > 0 else nan,
+            "act_ms": nan,
             "lambda_mean": _num(m.get("lambda_hat_mean")), "frac_contractive": _num(m.get("frac_contractive"))}
 
 
@@ -657,10 +660,14 @@ def tables_markdown(spec: Spec, rows: list[dict], summary: list[dict]) -> str:
     lines += ["## Compute cost", "", "Training seconds per 1 000 gradient steps over all fractions and seeds of an algo: "
               "median [min, max] (the cells share the machine, so one starved cell can be far off; the median is "
               "robust to it). Ratio to base = median over the cells of this algo of (its s/1k) / (s/1k of the base "
-              "cell with the same dataset, fraction and seed), which ran at about the same time."
+              "cell with the same dataset, fraction and seed), which ran at about the same time. ms per batch-1 "
+              "action: `timing.act_ms_batch1` of each run (one decision of the evaluated policy: the whole sampling "
+              "chain, or an RL agent's candidates and their selection; median of 20 calls after training; runs "
+              "made before 2026-11-22 session 3 lack it)."
               + COMPUTE_NOTE[spec.job], "",
-              "| algo | dataset | train s / 1k steps, median [min, max] | base | ratio to base (paired median) |",
-              "|---|---|---|---|---|"]
+              "| algo | dataset | train s / 1k steps, median [min, max] | base | ratio to base (paired median) "
+              "| ms per batch-1 action, median (cells) |",
+              "|---|---|---|---|---|---|"]
     for algo in spec.algos:
         for ds in spec.datasets:
             mine = [r for r in rows if r["algo"] == algo and r["dataset"] == ds and math.isfinite(r["sec_per_1k"])]
@@ -675,8 +682,10 @@ def tables_markdown(spec: Spec, rows: list[dict], summary: list[dict]) -> str:
                 pairs = [r["sec_per_1k"] / ref[(r["fraction"], r["seed"])] for r in mine
                          if ref.get((r["fraction"], r["seed"]))]
                 ratio = f"{statistics.median(pairs):.2f} (n = {len(pairs)})" if pairs else "–"
+            lat = [r["act_ms"] for r in mine if math.isfinite(r.get("act_ms", float("nan")))]
+            lat_s = f"{statistics.median(lat):.3g} ({len(lat)})" if lat else "–"
             lines.append(f"| {algo} | {ds} | {statistics.median(xs):.1f} [{min(xs):.1f}, {max(xs):.1f}] "
-                         f"| {base or '–'} | {ratio} |")
+                         f"| {base or '–'} | {ratio} | {lat_s} |")
     lines.append("")
     if any(math.isfinite(r["lambda_mean_mean"]) for r in summary):
         lines += ["## Contraction", "", "λ̂ = largest eigenvalue of the symmetrised, normalised sampling-drift "

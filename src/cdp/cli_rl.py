@@ -141,7 +141,7 @@ def run_rl(args) -> int:
     from .cli import set_threads
     from .rl import make_config, make_agent
     from .rl.trainer import RLTrainConfig, dataset_tensors, evaluate_agent, train_offline
-    from .runs import RunDir
+    from .runs import RunDir, median_call_ms
 
     set_threads(args.threads)
     out = Path(args.out)
@@ -193,8 +193,11 @@ def run_rl(args) -> int:
         run.log(res["step"], diag, prefix="diagnostics/")
     t_train -= res.get("eval_s", 0.0)  # periodic evaluations are counted as evaluation, not training
     t_eval += res.get("eval_s", 0.0)
+    obs1 = dataset_tensors(ds)["observations"][:1]
+    g_lat = torch.Generator().manual_seed(args.seed)
     timing = {"data_s": round(t_data, 1), "train_s": round(t_train, 1), "eval_s": round(t_eval, 1),
-              "total_s": round(time.perf_counter() - t0, 1)}
+              "total_s": round(time.perf_counter() - t0, 1),
+              "act_ms_batch1": round(median_call_ms(lambda: agent.act(obs1, generator=g_lat)), 3)}
     results = {"algo": args.algo, "env": ds.env_id, "fraction": args.fraction, "seed": args.seed, "steps": res["step"],
                "normalized_score_mean": ev["normalized_score_mean"], "normalized_score_std": ev["normalized_score_std"],
                "mean_return": ev["mean_return"], "success_rate": ev.get("success_rate"), "episodes": args.eval_episodes,
@@ -210,5 +213,5 @@ def run_rl(args) -> int:
               f"{100 * diag['frac_trajectories_contractive']:.0f}% of trajectories contracting "
               f"({diag['n_states']} dataset states, {diag['n_steps']} DDIM steps)")
     print(f"time: data {timing['data_s']} s, train {timing['train_s']} s, eval {timing['eval_s']} s, "
-          f"total {timing['total_s']} s; wrote {out}/results.json")
+          f"total {timing['total_s']} s; one batch-1 action {timing['act_ms_batch1']:.2f} ms; wrote {out}/results.json")
     return 0

@@ -52,7 +52,7 @@ from .data.il import (SequenceWindows, default_pusht_zarr_path, load_pusht_lowdi
                       subsample_episodes)
 from .policies.bc_gmm import BCGMMConfig, BCGMMPolicy
 from .policy import DiffusionPolicy, DiffusionPolicyConfig
-from .runs import RunDir, _plain, load_policy
+from .runs import RunDir, _plain, load_policy, median_call_ms
 from .samplers import SAMPLERS
 from .train import TrainConfig, checkpoint_path, train_policy
 
@@ -500,6 +500,8 @@ def run_il(cfg: ILConfig, out_dir: str | os.PathLike, resume: bool = False, prog
         "checkpoint": str(checkpoint_path(out)),
     }
     policy = ema.model.eval()
+    g_lat = torch.Generator().manual_seed(cfg.seed)
+    results["timing"] = {"act_ms_batch1": median_call_ms(lambda: policy.sample(obs[:1], generator=g_lat))}
     if cfg.eval_episodes > 0:
         try:
             ev = evaluate_policy(policy, cfg.eval_episodes, cfg.eval_max_steps, cfg.eval_seed_start, cfg.seed,

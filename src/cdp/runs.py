@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -76,6 +76,24 @@ class RunDir:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def median_call_ms(fn: Callable[[], Any], n: int = 20, warmup: int = 3) -> float:
+    """Median wall milliseconds of ``fn()`` over ``n`` calls after ``warmup`` calls, under ``torch.inference_mode``.
+
+    Used for the per-run action latency (``timing.act_ms_batch1`` in results.json: one batch-1 decision of the
+    evaluated policy, i.e. a full sampling chain, or an RL agent's candidates + selection). Absolute numbers depend
+    on the machine's load; compare runs that ran side by side."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return 1e3 * (ts[(n - 1) // 2] + ts[n // 2]) / 2
 
 
 def _plain(obj: Any) -> Any:
