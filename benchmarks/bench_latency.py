@@ -4,25 +4,12 @@ schedule: ``DiffusionPolicy.sample`` (no_grad), the same under ``torch.inference
 
     python benchmarks/bench_latency.py
 """
-import statistics
-import time
-
 import torch
 
 from cdp.policy import DiffusionPolicy, DiffusionPolicyConfig
+from cdp.runs import median_call_ms
 
 torch.set_num_threads(1)
-
-
-def median_ms(fn, n: int = 200, warmup: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def main() -> None:
@@ -31,14 +18,11 @@ def main() -> None:
     p.fit_normalizers(torch.randn(100, 17), torch.rand(100, 3))
     o = torch.randn(1, 17)
 
-    def inference_mode_sample():
-        with torch.inference_mode():
-            p.sample(o)
-
-    print(f"sample (no_grad)          median ms {median_ms(lambda: p.sample(o)):.2f}")
-    print(f"sample (inference_mode)   median ms {median_ms(inference_mode_sample):.2f}")
+    kw = dict(n=200, warmup=20)
+    print(f"sample (no_grad)          median ms {median_call_ms(lambda: p.sample(o), inference_mode=False, **kw):.2f}")
+    print(f"sample (inference_mode)   median ms {median_call_ms(lambda: p.sample(o), **kw):.2f}")
     p.reset()
-    print(f"select_action             median ms {median_ms(lambda: p.select_action(o)):.2f}")
+    print(f"select_action             median ms {median_call_ms(lambda: p.select_action(o), inference_mode=False, **kw):.2f}")
 
 
 if __name__ == "__main__":

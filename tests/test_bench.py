@@ -357,4 +357,7 @@ def test_median_call_ms_times_a_call():
     calls = []
     ms = median_call_ms(lambda: (calls.append(torch.is_inference_mode_enabled()), _time.sleep(0.003)), n=5, warmup=2)
     assert len(calls) == 7 and all(calls)  # warm-up + timed calls, all under inference_mode
+    calls.clear()
+    median_call_ms(lambda: calls.append(torch.is_inference_mode_enabled()), n=3, warmup=0, inference_mode=False)
+    assert calls == [False, False, False]
     assert 2.9 <= ms < 50

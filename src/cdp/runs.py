@@ -78,13 +78,15 @@ class RunDir:
             self._tb.close()
 
 
-def median_call_ms(fn: Callable[[], Any], n: int = 20, warmup: int = 3) -> float:
-    """Median wall milliseconds of ``fn()`` over ``n`` calls after ``warmup`` calls, under ``torch.inference_mode``.
+def median_call_ms(fn: Callable[[], Any], n: int = 20, warmup: int = 3, inference_mode: bool = True) -> float:
+    """Median wall milliseconds of ``fn()`` over ``n`` calls after ``warmup`` calls (under ``torch.inference_mode``
+    unless ``inference_mode=False``).
 
     Used for the per-run action latency (``timing.act_ms_batch1`` in results.json: one batch-1 decision of the
-    evaluated policy, i.e. a full sampling chain, or an RL agent's candidates + selection). Absolute numbers depend
-    on the machine's load; compare runs that ran side by side."""
-    with torch.inference_mode():
+    evaluated policy, i.e. a full sampling chain, or an RL agent's candidates + selection) and by
+    ``benchmarks/bench_latency.py``. Absolute numbers depend on the machine's load; compare runs that ran side by
+    side."""
+    with torch.inference_mode(inference_mode):
         for _ in range(warmup):
             fn()
         ts = []
