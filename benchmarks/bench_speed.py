@@ -20,12 +20,13 @@ import time
 
 import torch
 
-from cdp.contraction import ContractionConfig, jacobian, lambda_max, sign_and_ratio
+from cdp.contraction import ContractionConfig, ContractionRegularizer, jacobian, lambda_max, sign_and_ratio
 from cdp.policy import DiffusionPolicy, DiffusionPolicyConfig
 
 OBS_DIM, BATCH = 17, 256
 ESTIMATORS = {  # label -> contraction config fields
     "default": dict(),  # ContractionConfig() as shipped (auto estimator, shared forward pass, every step)
+    "default, exact_grad=full": dict(exact_grad="full"),  # differentiate eigvalsh of the full J (before session 4)
     "default, separate pass": dict(share_forward=False),
     "default, lazy p=0.5": dict(apply_prob=0.5),
     "exact": dict(loss="hinge", estimator="exact"),
@@ -115,7 +116,8 @@ def bench_accuracy(dims, train_steps: int, max_samples) -> list[str]:
     """Relative error of each estimator's λ_max(Ĵ) against eigvalsh of the vmap(jacfwd) Jacobian, on the samples the
     regulariser draws (a net trained ``train_steps`` plain steps on random data)."""
     hinge = [e for e in ESTIMATORS if ESTIMATORS[e].get("loss") == "hinge"]  # (the default = exact here)
-    rows = ["| d | " + " | ".join(f"{e} median / max rel. err" for e in hinge) + " |", "|---:|" + "---:|" * len(hinge)]
+    rows = ["| d | " + " | ".join(f"{e} median / max rel. err" for e in hinge)
+            + " | gradient: rayleigh vs full, float32 rel. err |", "|---:|" + "---:|" * (len(hinge) + 1)]
     for d in dims:
         p = make_policy(d, contraction_dict("exact", max_samples))
         opt = torch.optim.AdamW(p.net.parameters(), lr=1e-3)
@@ -142,7 +144,53 @@ def bench_accuracy(dims, train_steps: int, max_samples) -> list[str]:
             rel = ((lam - ref).abs() / ref.abs().clamp_min(1e-12))
             cells.append(f"{rel.median():.1e} / {rel.max():.1e}")
         p.net.float()
+        grads = []  # the default's gradient (Hellmann–Feynman) against differentiating eigvalsh, in training precision
+        for mode in ("rayleigh", "full"):
+            reg_m = ContractionRegularizer(ContractionConfig(estimator="exact", margin=10.0, exact_grad=mode),
+                                           reg.schedule)  # margin 10: every sample's hinge is active
+            loss_m, _ = reg_m(p.net, a_t.float(), t.float(), c.float())
+            grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_m, list(p.net.parameters()),
+                                                                               allow_unused=True) if g is not None]))
+        cells.append(f"{float((grads[0] - grads[1]).norm() / grads[1].norm()):.1e}")
         rows.append(f"| {d} | " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def chunk_step_fn(network: str, contraction: dict | None, batch: int = 64):
+    """One Diffusion Policy training step at PushT shapes (To = 2 observations of 20, chunk H = 16 × Da = 2, so
+    d = 32), UNet down_dims (32, 64, 128) as in configs/experiments/il_pusht_unet_cpu.yaml, DiT at its defaults."""
+    torch.manual_seed(0)
+    kw = dict(down_dims=(32, 64, 128)) if network == "unet" else {}
+    p = DiffusionPolicy(DiffusionPolicyConfig(obs_dim=20, action_dim=2, network=network, horizon=16, n_obs_steps=2,
+                                              n_action_steps=8, schedule={"name": "vp", "num_steps": 100},
+                                              contraction=contraction, network_kwargs=kw))
+    g = torch.Generator().manual_seed(1)
+    p.fit_normalizers(torch.randn(256, 20, generator=g), torch.rand(256, 2, generator=g) * 2 - 1)
+    opt = torch.optim.AdamW(p.parameters(), lr=1e-4)
+    obs, act = torch.randn(batch, 2, 20, generator=g), torch.rand(batch, 16, 2, generator=g) * 2 - 1
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss, _ = p.compute_loss(obs, act, generator=g)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def bench_chunk_nets(repeats: int, max_samples: int = 4) -> list[str]:
+    """DP vs CDP training step for the UNet and the DiT (d = 32) per exact-gradient mode and power iteration."""
+    variants = {"exact, rayleigh (default)": dict(), "exact, full": dict(exact_grad="full"),
+                "power K=4": dict(estimator="power", iters=4)}
+    rows = ["| network, batch 64 | DP ms | " + " | ".join(f"CDP {v} ms (ratio)" for v in variants) + " |",
+            "|---|---:|" + "---:|" * len(variants)]
+    for net in ("unet", "dit"):
+        fns = {"base": chunk_step_fn(net, None)}
+        for v, kw in variants.items():
+            fns[v] = chunk_step_fn(net, dict(max_samples=max_samples, **kw))
+        med = interleaved(fns, repeats, warmup=1)
+        b = med["base"]
+        rows.append(f"| {net} | {b:.0f} | " + " | ".join(f"{med[v]:.0f} ({med[v] / b:.2f})" for v in variants) + " |")
         print(rows[-1], flush=True)
     return rows
 
@@ -190,7 +238,7 @@ def main() -> None:
     ap.add_argument("--max-samples", default="default", help="'default' (config default), 'all', or an integer")
     ap.add_argument("--compare-full", action="store_true", help="also time each estimator on the whole batch")
     ap.add_argument("--train-steps", type=int, default=None, help="plain steps before the accuracy check")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: steps,accuracy,sampling")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: steps,chunk,accuracy,sampling")
     ap.add_argument("--out", required=True, help="markdown file to write")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -208,6 +256,9 @@ def main() -> None:
     if "steps" not in skip:
         out += ["## Training step (forward + backward + AdamW), CDP/base ratio in brackets", ""]
         out += bench_steps(dims, repeats, ms, a.compare_full) + [""]
+    if "chunk" not in skip:
+        out += ["## Chunk networks (Diffusion Policy at PushT shapes, d = 32, 4 regularised samples per batch)", ""]
+        out += bench_chunk_nets(max(3, repeats // 3)) + [""]
     if "accuracy" not in skip:
         out += [f"## Relative error of λ_max(Ĵ) vs exact eigvalsh (float64, on the regularised samples, "
                 f"net after {train_steps} training steps)", ""]

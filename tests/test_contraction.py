@@ -317,3 +317,60 @@ def test_lazy_regularisation_is_unbiased_and_skips():
     assert abs(sum(vals) / 400 - float(ref)) < 0.25 * abs(float(ref))
     with pytest.raises(ValueError, match="apply_prob"):
         ContractionConfig(apply_prob=0.0)
+
+
+def test_rayleigh_exact_path_equals_eigvalsh_path_for_a_generic_network():
+    """ContractionRegularizer.__call__ with exact_grad="rayleigh" (no closed form: functorch JVP) = "full": value,
+    metrics and parameter gradients (Hellmann–Feynman), and the eigenvector really is λ_max's."""
+    torch.manual_seed(0)
+    net = tiny_net(d=4, hidden=16)
+    f = net_fn(net)
+    x, t, c = torch.randn(7, 4, dtype=torch.float64), torch.rand(7, dtype=torch.float64) * 0.9 + 0.05, torch.randn(7, 2, dtype=torch.float64)
+    out = []
+    for exact_grad in ("rayleigh", "full"):
+        reg = ContractionRegularizer(ContractionConfig(estimator="exact", margin=2.0, weight=0.3, exact_grad=exact_grad),
+                                     NoiseSchedule())
+        loss, m = reg(f, x, t, c)
+        out.append((loss, m, torch.autograd.grad(loss, list(net.parameters())[:3])))  # the output bias has no J
+    (l1, m1, g1), (l2, m2, g2) = out
+    assert float(l1) == pytest.approx(float(l2), rel=1e-12) and m1 == pytest.approx(m2)
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(g1, g2))
+    assert any(float(a.abs().max()) > 1e-6 for a in g1)
+    J = jacobian(f, x, t, c)
+    v = reg.top_direction(J, t)  # ε-prediction: s = −1, the top eigenvector of −J^sym is λ_min's of J^sym
+    evals, evecs = torch.linalg.eigh(0.5 * (J + J.transpose(1, 2)))
+    assert torch.allclose((v * evecs[:, :, 0]).sum(-1).abs(), torch.ones(7, dtype=torch.float64), atol=1e-10)
+    with pytest.raises(ValueError, match="exact_grad"):
+        ContractionConfig(exact_grad="nope")
+    with pytest.raises(ValueError, match="hinge"):
+        ContractionRegularizer(ContractionConfig(loss="frobenius"), NoiseSchedule()).loss_from_eigenvalue(t, t)
+
+
+def test_forward_and_jvp_equals_forward_and_jacobian_times_direction():
+    """MLPDenoiser.forward_and_jvp: out = forward, the direction sees the true Jacobian, Jv = J v with the same
+    parameter gradients as (J v) from forward_and_jacobian; bad n_jac / direction shapes raise."""
+    from cdp.nets.mlp import MLPDenoiser
+    torch.manual_seed(0)
+    for horizon, da in ((1, 3), (4, 2)):
+        net = MLPDenoiser(action_dim=da, cond_dim=5, hidden=32, n_layers=3, horizon=horizon).double()
+        shape = (9, da) if horizon == 1 else (9, horizon, da)
+        x, t, c = torch.randn(shape, dtype=torch.float64), torch.rand(9, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+        seen = {}
+
+        def direction(J):
+            seen["J"] = J
+            return torch.nn.functional.normalize(J.sum(1), dim=-1)  # any J-dependent direction
+        out, v, jv = net.forward_and_jvp(x, t, c, 4, direction)
+        out2, J = net.forward_and_jacobian(x, t, c, 4)
+        assert torch.allclose(out, out2, atol=1e-12, rtol=0) and not v.requires_grad
+        assert torch.allclose(seen["J"], J.detach(), atol=1e-12, rtol=0)
+        jv_ref = torch.bmm(J, v.unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(jv, jv_ref, atol=1e-12, rtol=0)
+        w = torch.randn_like(jv)
+        g1 = torch.autograd.grad((out ** 2).mean() + (w * jv).sum(), list(net.parameters()))
+        g2 = torch.autograd.grad((out2 ** 2).mean() + (w * jv_ref).sum(), list(net.parameters()))
+        assert all(torch.allclose(a, b, atol=1e-10, rtol=0) for a, b in zip(g1, g2))
+        with pytest.raises(ValueError, match="n_jac"):
+            net.forward_and_jvp(x, t, c, 0, direction)
+        with pytest.raises(ValueError, match="direction must return"):
+            net.forward_and_jvp(x, t, c, 4, lambda J: J[:, 0, :1])

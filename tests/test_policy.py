@@ -227,3 +227,33 @@ def test_cosine_schedule_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(v, resumed.state_dict()[k]), k
     lrs = [r["train/lr"] for r in run.read_metrics() if "train/lr" in r]
     assert lrs[0] == pytest.approx(3e-3) and lrs[-1] < 1e-4  # warm-up done by step 5, decayed to ~0 at 30
+
+
+@pytest.mark.parametrize("share_forward", [True, False])
+@pytest.mark.parametrize("t_range", [(0.0, 1.0), (0.0, 0.4)])
+@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
+def test_rayleigh_gradient_equals_differentiating_eigvalsh(share_forward, t_range, prediction):
+    """exact_grad="rayleigh" (Jacobian and eigenvector without a graph, one tangent with it) gives the same loss and
+    the same parameter gradients as differentiating eigvalsh of the full Jacobian (Hellmann–Feynman), float64."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        obs, act = data(32)
+        results = []
+        for exact_grad in ("rayleigh", "full"):
+            torch.manual_seed(0)
+            pol = make({"weight": 0.5, "margin": 10.0, "max_samples": 8, "t_range": t_range, "share_forward": share_forward,
+                        "exact_grad": exact_grad, "prediction": prediction},
+                       schedule={"name": "vp", "num_steps": 10}, prediction=prediction)
+            pol.fit_normalizers(obs, act)
+            loss, m = pol.compute_loss(obs, act, generator=torch.Generator().manual_seed(3))
+            grads = torch.autograd.grad(loss, list(pol.net.parameters()))
+            results.append((loss, m, grads))
+        (l1, m1, g1), (l2, m2, g2) = results
+        assert float(l1) == pytest.approx(float(l2), rel=1e-10)
+        assert m1 == pytest.approx(m2, rel=1e-9, abs=1e-12)
+        # the regulariser's own gradient is not negligible next to L_d's (else the check would be vacuous)
+        assert m1["contraction/loss_c"] != 0.0
+        for a, b in zip(g1, g2):
+            assert torch.allclose(a, b, rtol=1e-7, atol=1e-10)
+    finally:
+        torch.set_default_dtype(torch.float32)

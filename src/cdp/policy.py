@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .contraction import ContractionConfig, ContractionRegularizer
+from .contraction import ContractionConfig, ContractionRegularizer, sign_and_ratio
 from .normalization import Normalizer
 from .samplers import SAMPLERS, make_sampler, sample as run_sampler
 from .schedules import NoiseSchedule, PREDICTION_TYPES, ScheduleConfig
@@ -262,8 +262,10 @@ class DiffusionPolicy(nn.Module):
         Returns:
             (network output like a_t, weighted contraction loss or None, its metrics). With ``share_forward`` and a
             network that has ``forward_and_jacobian`` (MLP) and an exact loss, the Jacobians of the regularised points
-            come out of the same pass (see :class:`cdp.contraction.ContractionConfig`); otherwise the regulariser
-            runs separately (:meth:`cdp.contraction.ContractionRegularizer.loss_from_clean`).
+            come out of the same pass (see :class:`cdp.contraction.ContractionConfig`): for the hinge loss with
+            ``exact_grad="rayleigh"`` (default) through ``forward_and_jvp`` (J without a graph, its top eigenvector
+            v, and J v with one), else through ``forward_and_jacobian``; otherwise the regulariser runs separately
+            (:meth:`cdp.contraction.ContractionRegularizer.loss_from_clean`).
         """
         reg = self.regularizer
         if reg is None or reg.config.weight <= 0:
@@ -279,15 +281,20 @@ class DiffusionPolicy(nn.Module):
         B = a0.shape[0]
         m = B if reg.config.max_samples is None else min(B, reg.config.max_samples)
         if reg.covers_all_steps:  # the first m rows of the batch are i.i.d. regularisation points
-            out, J = self.net.forward_and_jacobian(a_t, t, cond, m)
-            t_c = t[:m]
+            x_all, t_all, c_all, t_c = a_t, t, cond, t[:m]
         else:  # m extra rows at the regulariser's steps, excluded from the caller's loss
             a_c, t_c, cond_c = reg.sample_points(a0, cond, generator)
             m = a_c.shape[0]
-            cc = None if cond is None else torch.cat([cond_c, cond])
-            out_all, J = self.net.forward_and_jacobian(torch.cat([a_c, a_t]), torch.cat([t_c, t]), cc, m)
-            out = out_all[m:]
-        loss_c, mc = reg.loss_from_jacobian(J, t_c)
+            x_all, t_all = torch.cat([a_c, a_t]), torch.cat([t_c, t])
+            c_all = None if cond is None else torch.cat([cond_c, cond])
+        if reg.uses_rayleigh(a0[0].numel(), self.net):  # one graph-carrying tangent per point (Hellmann–Feynman)
+            out_all, v, jv = self.net.forward_and_jvp(x_all, t_all, c_all, m, lambda J: reg.top_direction(J, t_c))
+            s, _ = sign_and_ratio(self.schedule, t_c.to(torch.float64), reg.config.prediction)
+            loss_c, mc = reg.loss_from_eigenvalue(s * (v * jv).sum(-1), t_c)
+        else:
+            out_all, J = self.net.forward_and_jacobian(x_all, t_all, c_all, m)
+            loss_c, mc = reg.loss_from_jacobian(J, t_c)
+        out = out_all if reg.covers_all_steps else out_all[m:]
         if reg.config.apply_prob < 1.0:
             loss_c, mc = loss_c / reg.config.apply_prob, {**mc, "applied": 1.0}
         return out, loss_c, mc

@@ -17,6 +17,7 @@ Time is the project's continuous ``t in [0, 1]`` embedded as ``1000 t``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -191,6 +192,58 @@ class MLPDenoiser(nn.Module):
             h = mish(z)
         out = self.out(h).reshape(x.shape)
         return out, nn.functional.linear(jac_t, self.out.weight).transpose(1, 2)
+
+    def forward_and_jvp(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, n_jac: int,
+                        direction: "Callable[[torch.Tensor], torch.Tensor]"
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r"""The forward pass on all B rows and, for the first ``n_jac``, a Jacobian-vector product :math:`J v` along a
+        direction chosen from their Jacobian — the cheap way to differentiate an eigenvalue of :math:`J^{sym}`.
+
+        In one layer loop: the forward (with graph) keeps each layer's Mish'(z) of the first ``n_jac`` rows; the
+        input Jacobian J (n_jac, d, d) is built from them *without* a graph; ``v = direction(J)``; then the single
+        tangent v is pushed through the same layers *with* a graph, u ← Mish'(z) ⊙ (W u), giving :math:`J v`. Its
+        backward costs one tangent row per sample instead of the d of :meth:`forward_and_jacobian`; with v the top
+        eigenvector, :math:`v^\top J v` has the eigenvalue's value and gradient (Hellmann–Feynman; see
+        :class:`cdp.contraction.ContractionConfig` ``exact_grad``).
+
+        Args:
+            x: (B, Da) or (B, H, Da). t: (B,). cond: (B, Dc) or None. n_jac: 1 ≤ n_jac ≤ B.
+            direction: maps the detached Jacobians (n_jac, d, d) to directions (n_jac, d) (treated as constants).
+        Returns:
+            (out with x's shape, v (n_jac, d) detached, Jv (n_jac, d) with graph to the parameters); d = H·Da.
+        Raises:
+            ValueError: bad shapes, n_jac outside [1, B], or ``direction`` returning a wrong shape.
+        """
+        self._check_inputs(x, cond)
+        b = x.shape[0]
+        if not 1 <= n_jac <= b:
+            raise ValueError(f"n_jac must be in [1, {b}], got {n_jac}")
+        d = self.flat_dim
+        t = t.reshape(-1).expand(b) if t.numel() == 1 else t
+        parts = [x.reshape(b, d), self.time_mlp(t.to(x.dtype))]
+        if cond is not None:
+            parts.append(cond)
+        h = torch.cat(parts, dim=-1)
+        lins = list(self.trunk)[0::2]
+        slopes = []  # Mish'(z) of the first n_jac rows, per layer, with graph
+        for lin in lins:
+            z = lin(h)
+            slopes.append(mish_grad(z[:n_jac]))
+            h = mish(z)
+        out = self.out(h).reshape(x.shape)
+        with torch.no_grad():
+            jac_t = slopes[0].detach().unsqueeze(1) * lins[0].weight[:, :d].t()
+            for lin, sl in zip(lins[1:], slopes[1:]):
+                jac_t = sl.detach().unsqueeze(1) * nn.functional.linear(jac_t, lin.weight)
+            J = nn.functional.linear(jac_t, self.out.weight).transpose(1, 2)
+            v = direction(J)
+        if tuple(v.shape) != (n_jac, d):
+            raise ValueError(f"direction must return shape ({n_jac}, {d}), got {tuple(v.shape)}")
+        v = v.detach().to(h.dtype)
+        u = slopes[0] * nn.functional.linear(v, lins[0].weight[:, :d])
+        for lin, sl in zip(lins[1:], slopes[1:]):
+            u = sl * nn.functional.linear(u, lin.weight)
+        return out, v, nn.functional.linear(u, self.out.weight)
 
     def input_jacobian(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample Jacobians ∂out/∂x in closed form (chain rule through the Linear+Mish trunk), (B, d, d).
