@@ -289,16 +289,16 @@ def test_closed_form_matvecs_match_the_functorch_path():
     assert torch.allclose(l1, l2, atol=1e-10)
 
 
-def test_auto_estimator_uses_exact_up_to_32():
+def test_auto_estimator_uses_exact_up_to_128():
     from cdp.nets.mlp import MLPDenoiser
     reg = ContractionRegularizer(ContractionConfig(), NoiseSchedule(name="vp", num_steps=5))
     net = MLPDenoiser(action_dim=14, cond_dim=2, hidden=8)
-    assert reg._estimator(14, net) == "exact" and reg._estimator(32, net) == "exact"
-    assert reg._estimator(33, net) == "power" and reg._estimator(32, net.forward) == "exact"
+    assert reg._estimator(14, net) == "exact" and reg._estimator(128, net) == "exact"
+    assert reg._estimator(129, net) == "power" and reg._estimator(112, net.forward) == "exact"
     small = ContractionRegularizer(ContractionConfig(auto_exact_max_dim=8), NoiseSchedule(name="vp", num_steps=5))
     assert small._estimator(8, net) == "exact" and small._estimator(9, net) == "power"
     frob = ContractionRegularizer(ContractionConfig(loss="frobenius"), NoiseSchedule(name="vp", num_steps=5))
-    assert frob._estimator(33, net) == "hutchinson"
+    assert frob._estimator(129, net) == "hutchinson"
 
 
 def test_lazy_regularisation_is_unbiased_and_skips():
@@ -374,3 +374,22 @@ def test_forward_and_jvp_equals_forward_and_jacobian_times_direction():
             net.forward_and_jvp(x, t, c, 0, direction)
         with pytest.raises(ValueError, match="direction must return"):
             net.forward_and_jvp(x, t, c, 4, lambda J: J[:, 0, :1])
+
+
+def test_sym_matvec_operator_equals_symmetric_jacobian_products():
+    """The reverse-mode-only product operator (one forward, then double-vjp) = 0.5 (J + Jᵀ) v, repeatedly."""
+    from cdp.contraction import sym_matvec_operator
+    net = tiny_net(d=5, hidden=16)
+    f = net_fn(net)
+    g = torch.Generator().manual_seed(0)
+    x, t, c = (torch.randn(4, 5, generator=g, dtype=torch.float64), torch.rand(4, generator=g, dtype=torch.float64),
+               torch.randn(4, 2, generator=g, dtype=torch.float64))
+    J = jacobian(f, x, t, c)
+    A = 0.5 * (J + J.transpose(1, 2))
+    op = sym_matvec_operator(f, x, t, c)
+    for _ in range(3):
+        v = torch.randn(4, 5, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            got = op(v)
+        assert torch.allclose(got, torch.bmm(A, v.unsqueeze(-1)).squeeze(-1), atol=1e-12, rtol=0)
+        assert not got.requires_grad

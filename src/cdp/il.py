@@ -100,7 +100,7 @@ class ILConfig:
         ema_power: None (warm-up (1+k)/(10+k)) or DP's power schedule (0.75; ema_decay is then its maximum).
         eval_sampler / eval_inference_steps: sampler for evaluation and diagnostics' action samples.
         cdp_weight / cdp_margin / cdp_t_range / cdp_estimator / cdp_loss / cdp_max_samples: contraction settings
-            of the ``cdp_*`` presets (γ = 0.1; ``auto`` = exact Jacobian for d ≤ 32, else power iteration;
+            of the ``cdp_*`` presets (γ = 0.1; ``auto`` = exact Jacobian for d ≤ 128, else power iteration;
             d = H·Da). ``cdp_max_samples`` = 16 as :class:`~cdp.contraction.ContractionConfig`
             (regularise 16 random samples per batch); ``None`` regularises the whole batch. It used to default to
             None here, which silently overrode the library's default of 16 with "all" (16× the cost at batch 256).
