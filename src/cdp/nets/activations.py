@@ -59,13 +59,21 @@ class _MishGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        ctx.save_for_backward(x)
-        return _mish_grad_values(x)
+        # mish' and mish'' share t = tanh(softplus(x)), s = σ(x) and w = s(1 − t²): compute both now, so the
+        # (first-order) backward is one multiplication.
+        t = torch.tanh(nn.functional.softplus(x))
+        s = torch.sigmoid(x)
+        w = s * (1.0 - t * t)
+        second = w * (2.0 + x * (1.0 - s - 2.0 * s * t))
+        ctx.save_for_backward(x, second)
+        return torch.addcmul(t, x, w)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        (x,) = ctx.saved_tensors
-        return g * _mish_second(x)
+        x, second = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a differentiable mish'' (double backward works)
+            return g * _mish_second(x)
+        return g * second
 
 
 def mish_grad(x: torch.Tensor) -> torch.Tensor:
