@@ -69,11 +69,9 @@ def interleaved(fns: dict, repeats: int, warmup: int = 2, n_inner: int = 1) -> d
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def train_step_fn(policy: DiffusionPolicy, d: int):
+def step_closure(policy: DiffusionPolicy, obs: torch.Tensor, act: torch.Tensor, g: torch.Generator):
+    """A function doing one training step (compute_loss + backward + AdamW) on the fixed batch (obs, act)."""
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(2)
-    obs = torch.randn(BATCH, OBS_DIM, generator=g)
-    act = torch.rand(BATCH, d, generator=g) * 2 - 1
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -81,6 +79,13 @@ def train_step_fn(policy: DiffusionPolicy, d: int):
         loss.backward()
         opt.step()
     return step
+
+
+def train_step_fn(policy: DiffusionPolicy, d: int):
+    g = torch.Generator().manual_seed(2)
+    obs = torch.randn(BATCH, OBS_DIM, generator=g)
+    act = torch.rand(BATCH, d, generator=g) * 2 - 1
+    return step_closure(policy, obs, act, g)
 
 
 def contraction_dict(label: str, max_samples) -> dict:
@@ -167,15 +172,8 @@ def chunk_step_fn(network: str, contraction: dict | None, batch: int = 64):
                                               contraction=contraction, network_kwargs=kw))
     g = torch.Generator().manual_seed(1)
     p.fit_normalizers(torch.randn(256, 20, generator=g), torch.rand(256, 2, generator=g) * 2 - 1)
-    opt = torch.optim.AdamW(p.parameters(), lr=1e-4)
     obs, act = torch.randn(batch, 2, 20, generator=g), torch.rand(batch, 16, 2, generator=g) * 2 - 1
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss, _ = p.compute_loss(obs, act, generator=g)
-        loss.backward()
-        opt.step()
-    return step
+    return step_closure(p, obs, act, g)
 
 
 def bench_chunk_nets(repeats: int, max_samples: int = 4) -> list[str]:
