@@ -371,7 +371,7 @@ class ContractionConfig:
             the Jacobian and its top eigenvector v are computed *without* a graph, and only the quadratic form
             :math:`v^\top s J v` (one JVP, or one extra tangent in the MLP's shared forward pass) carries the graph to
             the parameters. By the Hellmann–Feynman theorem (∂λ = vᵀ ∂A v for a simple eigenvalue of a symmetric A)
-            the value *and* the gradient equal those of differentiating ``eigvalsh`` (tested to 1e-9 in float64), but
+            the value *and* the gradient equal those of differentiating ``eigvalsh`` (tested to 1e-7 in float64), but
             the backward pass runs through one tangent instead of d. ``"full"``: differentiate ``eigvalsh`` of the full
             Jacobian (its graph has d tangents). Other losses always use the full Jacobian.
         apply_prob: "lazy" regularisation (as StyleGAN2's lazy R1): :meth:`ContractionRegularizer.loss_from_clean`
