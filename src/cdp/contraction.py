@@ -348,8 +348,8 @@ class ContractionConfig:
             session 4; 4 regularised samples, batch 64, CDP/DP step ratio): exact vs power K = 4 is 2.28 vs 9.77 for
             the UNet and 2.00 vs 3.75 for the DiT at d = 32 (chunk 16 × 2), and 3.62 vs 10.2 (UNet), 2.45 vs 3.94
             (MLP), 4.64 vs 3.84 (DiT) at d = 112 (chunk 16 × 7, robomimic's action size) — while power iteration's
-            λ_max was off by 2-30% (median) on trained networks and exact is exact. So exact is the default up to
-            128 everywhere.
+            λ_max (K = 4) was off by 2-100% (median relative error, d = 3-32) on trained networks and exact is exact.
+            So exact is the default up to 128 everywhere (at d = 224 power was the cheaper one for the DiT).
         weight: γ, the loss weight (paper: 0.1).
         margin: β ≥ 0, the hinge floor / Frobenius target −β (stops over-contraction).
         iters: K, power iterations per phase or Lanczos steps (paper: 3–4).
@@ -369,7 +369,7 @@ class ContractionConfig:
             otherwise ``max_samples`` extra rows drawn by it. Same loss, fewer and larger matrix products.
         exact_grad: how the ``hinge`` loss with the ``exact`` estimator is differentiated. ``"rayleigh"`` (default):
             the Jacobian and its top eigenvector v are computed *without* a graph, and only the quadratic form
-            :math:`v^\top s J v` (one JVP, or one extra tangent in the MLP's shared forward pass) carries the graph to
+            :math:`v^\top s J v` (:func:`quadratic_form`, or one extra tangent in the MLP's forward pass) carries the graph to
             the parameters. By the Hellmann–Feynman theorem (∂λ = vᵀ ∂A v for a simple eigenvalue of a symmetric A)
             the value *and* the gradient equal those of differentiating ``eigvalsh`` (tested to 1e-7 in float64), but
             the backward pass runs through one tangent instead of d. ``"full"``: differentiate ``eigvalsh`` of the full
@@ -482,7 +482,7 @@ class ContractionRegularizer:
             raise ValueError(f"cond batch {cond.shape[0]} != noisy_action batch {B}")
         d = noisy_action[0].numel()
         est = self._estimator(d, denoiser)
-        if est == "exact" and self.uses_rayleigh(d, denoiser):  # J and v without a graph; vᵀJv by one JVP with it
+        if est == "exact" and self.uses_rayleigh(d, denoiser):  # J and v without a graph; only vᵀJv carries one
             x = noisy_action.detach()
             s, _ = sign_and_ratio(self.schedule, t.to(torch.float64), c.prediction)
             closed_jvp = getattr(denoiser, "forward_and_jvp", None)

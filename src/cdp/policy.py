@@ -287,7 +287,8 @@ class DiffusionPolicy(nn.Module):
             m = a_c.shape[0]
             x_all, t_all = torch.cat([a_c, a_t]), torch.cat([t_c, t])
             c_all = None if cond is None else torch.cat([cond_c, cond])
-        if reg.uses_rayleigh(a0[0].numel(), self.net):  # one graph-carrying tangent per point (Hellmann–Feynman)
+        if reg.uses_rayleigh(a0[0].numel(), self.net) and callable(getattr(self.net, "forward_and_jvp", None)):
+            # one graph-carrying tangent per point (Hellmann–Feynman)
             out_all, v, jv = self.net.forward_and_jvp(x_all, t_all, c_all, m, lambda J: reg.top_direction(J, t_c))
             s, _ = sign_and_ratio(self.schedule, t_c.to(torch.float64), reg.config.prediction)
             loss_c, mc = reg.loss_from_eigenvalue(s * (v * jv).sum(-1), t_c)

@@ -38,14 +38,8 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     return x * (n / (n + 2.0))
 
 
-def _mish_grad_values(x: torch.Tensor) -> torch.Tensor:
-    """mish'(x) = t + x·s·(1 − t²) with t = tanh(softplus(x)), s = σ(x); 7 ops, no graph needed."""
-    t = torch.tanh(nn.functional.softplus(x))
-    return torch.addcmul(t, x * torch.sigmoid(x), 1.0 - t * t)
-
-
 def _mish_second(x: torch.Tensor) -> torch.Tensor:
-    """mish''(x) = s·(1 − t²)·(2 + x·(1 − s) − 2·x·s·t), differentiable (t, s as in :func:`_mish_grad_values`).
+    """mish''(x) = s·(1 − t²)·(2 + x·(1 − s) − 2·x·s·t) with t = tanh(softplus(x)), s = σ(x); differentiable.
 
     From mish' = t + x·s·(1 − t²) with t' = s·(1 − t²) and s' = s·(1 − s)."""
     t = torch.tanh(nn.functional.softplus(x))
