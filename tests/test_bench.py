@@ -361,3 +361,14 @@ def test_median_call_ms_times_a_call():
     median_call_ms(lambda: calls.append(torch.is_inference_mode_enabled()), n=3, warmup=0, inference_mode=False)
     assert calls == [False, False, False]
     assert 2.9 <= ms < 50
+
+
+def test_every_shipped_spec_parses_and_expands():
+    """configs/experiments/*.yaml (the specs results.md is made from) are valid: known job, algos, tasks and flags."""
+    from pathlib import Path
+    specs = sorted((Path(__file__).resolve().parents[1] / "configs" / "experiments").glob("*.yaml"))
+    assert len(specs) >= 8
+    for path in specs:
+        spec = load_spec(path)
+        cells = expand(spec)
+        assert cells and len(cells) == len({c.out for c in cells}), path.name
