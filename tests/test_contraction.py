@@ -393,3 +393,44 @@ def test_sym_matvec_operator_equals_symmetric_jacobian_products():
             got = op(v)
         assert torch.allclose(got, torch.bmm(A, v.unsqueeze(-1)).squeeze(-1), atol=1e-12, rtol=0)
         assert not got.requires_grad
+
+
+def test_forward_and_rayleigh_equals_forward_and_jvp():
+    """MLPDenoiser.forward_and_rayleigh (fused trunk) = forward_and_jvp's out and vᵀ(J v): values, the direction
+    sees the same J, and the parameter gradients of any combination of out and q agree (float64); bad n_jac /
+    direction shapes raise."""
+    from cdp.nets.mlp import MLPDenoiser
+    torch.manual_seed(1)
+    for horizon, da, cond_dim in ((1, 3, 5), (4, 2, 0), (1, 7, 5)):
+        net = MLPDenoiser(action_dim=da, cond_dim=cond_dim, hidden=32, n_layers=3, horizon=horizon).double()
+        shape = (11, da) if horizon == 1 else (11, horizon, da)
+        x, t = torch.randn(shape, dtype=torch.float64), torch.rand(11, dtype=torch.float64)
+        c = torch.randn(11, cond_dim, dtype=torch.float64) if cond_dim else None
+        seen = []
+
+        def direction(J):
+            seen.append(J)
+            _, vecs = torch.linalg.eigh(-0.5 * (J + J.transpose(1, 2)))
+            return vecs[:, :, -1]
+        out, v, q = net.forward_and_rayleigh(x, t, c, 6, direction)
+        out2, v2, jv = net.forward_and_jvp(x, t, c, 6, direction)
+        assert torch.allclose(seen[0], seen[1], atol=1e-12, rtol=0) and not v.requires_grad
+        assert torch.allclose(out, out2, atol=1e-12, rtol=0) and torch.allclose(v, v2, atol=1e-12, rtol=0)
+        q2 = (v2 * jv).sum(-1)
+        assert q.shape == (6,) and torch.allclose(q, q2, atol=1e-12, rtol=0)
+        w, wq = torch.randn_like(out), torch.randn(6, dtype=torch.float64)
+        g1 = torch.autograd.grad((w * out).sum() + (wq * q).sum(), list(net.parameters()))
+        g2 = torch.autograd.grad((w * out2).sum() + (wq * q2).sum(), list(net.parameters()))
+        assert all(torch.allclose(a, b, atol=1e-10, rtol=0) for a, b in zip(g1, g2))
+        # only q used: the trunk's batch rows get no gradient except through the regularised rows' slopes
+        q = net.forward_and_rayleigh(x, t, c, 6, direction)[2]
+        q2 = (lambda o: (o[1] * o[2]).sum(-1))(net.forward_and_jvp(x, t, c, 6, direction))
+        g3 = torch.autograd.grad(q.sum(), list(net.parameters()), allow_unused=True)
+        g4 = torch.autograd.grad(q2.sum(), list(net.parameters()), allow_unused=True)
+        zero = lambda g, p: torch.zeros_like(p) if g is None else g  # noqa: E731 (unused = zero gradient)
+        assert all(torch.allclose(zero(a, p), zero(b, p), atol=1e-10, rtol=0)
+                   for a, b, p in zip(g3, g4, net.parameters()))
+    with pytest.raises(ValueError, match="n_jac"):
+        net.forward_and_rayleigh(x, t, c, 0, direction)
+    with pytest.raises(ValueError, match="direction must return"):
+        net.forward_and_rayleigh(x, t, c, 4, lambda J: J[:, 0, :1])

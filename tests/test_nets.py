@@ -368,3 +368,73 @@ def test_fast_mish_matches_torch_mish_and_its_derivative():
     (g2,) = torch.autograd.grad(mish_grad(zz).sum(), zz)
     (gref,) = torch.autograd.grad(torch.autograd.grad(F.mish(zz).sum(), zz, create_graph=True)[0].sum(), zz)
     assert torch.allclose(g2, gref, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_mish_node_first_and_second_derivatives_and_transform_paths():
+    """Under plain autograd a large Mish is one node (_MishFused) keeping mish' from the forward; its first and
+    second derivatives equal F.mish's (float64), and inside torch.func transforms / without grad the composite ops
+    give the same values."""
+    import torch.nn.functional as F
+
+    from cdp.nets.activations import SMALL, mish
+
+    x = (torch.randn(SMALL, dtype=torch.float64) * 4).requires_grad_()
+    y = mish(x)
+    assert type(y.grad_fn).__name__ == "_MishFusedBackward"
+    assert torch.allclose(y, F.mish(x), rtol=1e-12, atol=1e-13)
+    w = torch.randn_like(x)
+    (g,) = torch.autograd.grad((w * y).sum(), x, create_graph=True)
+    (g_ref,) = torch.autograd.grad((w * F.mish(x)).sum(), x, create_graph=True)
+    assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-12)
+    (h,) = torch.autograd.grad(g.sum(), x)  # double backward: w · mish''
+    (h_ref,) = torch.autograd.grad(g_ref.sum(), x)
+    assert torch.allclose(h, h_ref, rtol=1e-8, atol=1e-10)
+    with torch.no_grad():
+        assert mish(x).grad_fn is None and torch.allclose(mish(x), F.mish(x), rtol=1e-12, atol=1e-13)
+    tangent = torch.randn_like(x)
+    out, jv = torch.func.jvp(mish, (x.detach(),), (tangent,))
+    assert torch.allclose(jv, g_ref.detach() / w * tangent, rtol=1e-8, atol=1e-10)
+
+
+def test_mish_and_slopes_values_and_gradients():
+    """mish_and_slopes(x, m) = (mish(x), mish'(x[:m])) with the same first-order gradients as composing F.mish and
+    its autograd derivative; m out of range raises."""
+    import torch.nn.functional as F
+
+    from cdp.nets.activations import mish_and_slopes
+
+    x = (torch.randn(64, 70, dtype=torch.float64) * 3).requires_grad_()
+    y, s = mish_and_slopes(x, 5)
+    (d1,) = torch.autograd.grad(F.mish(x).sum(), x, create_graph=True)
+    assert torch.allclose(y, F.mish(x), rtol=1e-12, atol=1e-13) and s.shape == (5, 70)
+    assert torch.allclose(s, d1[:5], rtol=1e-10, atol=1e-12)
+    wy, ws = torch.randn_like(y), torch.randn_like(s)
+    (g,) = torch.autograd.grad((wy * y).sum() + (ws * s).sum(), x)
+    (g_ref,) = torch.autograd.grad((wy * F.mish(x)).sum() + (ws * d1[:5]).sum(), x)
+    assert torch.allclose(g, g_ref, rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match="m must be"):
+        mish_and_slopes(x, 65)
+
+
+@pytest.mark.parametrize("horizon,cond_dim", [(1, 5), (4, 0)])
+def test_mlp_fused_trunk_equals_autograd(horizon, cond_dim):
+    """MLPDenoiser.train_forward (one node, written-out backward) = forward: values and the gradients of every
+    parameter and of cond, float64; a double backward through it raises."""
+    from cdp.nets.mlp import MLPDenoiser
+
+    torch.manual_seed(0)
+    net = MLPDenoiser(action_dim=2, cond_dim=cond_dim, hidden=40, n_layers=3, horizon=horizon).double()
+    shape = (30, 2) if horizon == 1 else (30, horizon, 2)
+    x, t = torch.randn(shape, dtype=torch.float64), torch.rand(30, dtype=torch.float64)
+    c = torch.randn(30, cond_dim, dtype=torch.float64).requires_grad_() if cond_dim else None
+    w = torch.randn(shape, dtype=torch.float64)
+    inputs = list(net.parameters()) + ([c] if c is not None else [])
+    out = net.train_forward(x, t, c)
+    ref = net(x, t, c)
+    assert out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-12, atol=1e-13)
+    g = torch.autograd.grad((w * out).sum(), inputs)
+    g_ref = torch.autograd.grad((w * ref).sum(), inputs)
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(g, g_ref))
+    (gx,) = torch.autograd.grad((w * net.train_forward(x, t, c)).sum(), net.out.weight, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gx.sum(), net.out.weight)

@@ -97,12 +97,24 @@ def sign_and_ratio(schedule: NoiseSchedule, t: torch.Tensor, prediction: str = "
     Raises:
         ValueError: unknown prediction type.
     """
+    s = prediction_sign(prediction)
     if prediction == "epsilon":
-        return -1.0, schedule.sigma(t)
+        return s, schedule.sigma(t)
     if prediction == "sample":
-        return 1.0, -schedule.alpha(t)
-    if prediction == "score":
-        return 1.0, torch.ones_like(t)
+        return s, -schedule.alpha(t)
+    return s, torch.ones_like(t)
+
+
+def prediction_sign(prediction: str = "epsilon") -> float:
+    """The s of :func:`sign_and_ratio` alone (−1 for ε-prediction, +1 for x0- and score-prediction).
+
+    Raises:
+        ValueError: unknown prediction type.
+    """
+    if prediction == "epsilon":
+        return -1.0
+    if prediction in ("sample", "score"):
+        return 1.0
     raise ValueError(f"unknown prediction type {prediction!r}; expected one of {PREDICTION_TYPES}")
 
 
@@ -485,10 +497,10 @@ class ContractionRegularizer:
         if est == "exact" and self.uses_rayleigh(d, denoiser):  # J and v without a graph; only vᵀJv carries one
             x = noisy_action.detach()
             s, _ = sign_and_ratio(self.schedule, t.to(torch.float64), c.prediction)
-            closed_jvp = getattr(denoiser, "forward_and_jvp", None)
-            if callable(closed_jvp):  # the MLP's closed form: J without a graph, one tangent with it
-                _, v, jv = closed_jvp(x, t, cond, B, lambda J: self.top_direction(J, t))
-                return self.loss_from_eigenvalue(s * (v * jv).sum(-1), t)
+            closed = getattr(denoiser, "forward_and_rayleigh", None)
+            if callable(closed):  # the MLP's closed form: J without a graph, one tangent with it
+                _, _, q = closed(x, t, cond, B, lambda J: self.top_direction(J, t))
+                return self.loss_from_eigenvalue(s * q, t)
             with torch.no_grad():
                 v = self.top_direction(jacobian_fast(denoiser, x, t, cond), t)
             return self.loss_from_eigenvalue(s * quadratic_form(denoiser, x, t, cond, v), t)
@@ -550,10 +562,10 @@ class ContractionRegularizer:
         Returns:
             (B, d) detached unit vectors v with :math:`v^\top s J v = \lambda_{\max}(s J^{sym})`.
         """
-        s, _ = sign_and_ratio(self.schedule, t.to(torch.float64), self.config.prediction)
-        with torch.no_grad():
-            _, vecs = torch.linalg.eigh(s * 0.5 * (J + J.transpose(1, 2)))
-        return vecs[:, :, -1]
+        s = prediction_sign(self.config.prediction)
+        with torch.no_grad():  # eigenvectors of 2 J^sym; the top one of s J^sym is its last (s = 1) or first (s = −1)
+            _, vecs = torch.linalg.eigh(J + J.transpose(1, 2))
+        return vecs[:, :, -1 if s > 0 else 0]
 
     def loss_from_eigenvalue(self, lam_n: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         r"""Weighted hinge loss γ·mean(max(−β, r + λ)) from :math:`\lambda = \lambda_{\max}(s J_N^{sym})` per sample.
@@ -576,9 +588,9 @@ class ContractionRegularizer:
 
     def _weighted(self, per: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         loss_c = per.mean()
-        lam_d = lam.detach()
-        metrics = {"loss_c": float(loss_c.detach()), "lambda_max_mean": float(lam_d.mean()),
-                   "lambda_max_max": float(lam_d.max()), "frac_contractive": float((lam_d < 0).float().mean())}
+        with torch.no_grad():  # one tensor → one host transfer for the four metrics
+            vals = torch.stack([loss_c, lam.mean(), lam.max(), (lam < 0).to(lam.dtype).mean()]).tolist()
+        metrics = dict(zip(("loss_c", "lambda_max_mean", "lambda_max_max", "frac_contractive"), vals))
         return self.config.weight * loss_c, metrics
 
     def loss_from_jacobian(self, J: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

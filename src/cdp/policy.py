@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .contraction import ContractionConfig, ContractionRegularizer, sign_and_ratio
+from .contraction import ContractionConfig, ContractionRegularizer, prediction_sign
 from .normalization import Normalizer
 from .samplers import SAMPLERS, make_sampler, sample as run_sampler
 from .schedules import NoiseSchedule, PREDICTION_TYPES, ScheduleConfig
@@ -263,21 +263,23 @@ class DiffusionPolicy(nn.Module):
             (network output like a_t, weighted contraction loss or None, its metrics). With ``share_forward`` and a
             network that has ``forward_and_jacobian`` (MLP) and an exact loss, the Jacobians of the regularised points
             come out of the same pass (see :class:`cdp.contraction.ContractionConfig`): for the hinge loss with
-            ``exact_grad="rayleigh"`` (default) through ``forward_and_jvp`` (J without a graph, its top eigenvector
+            ``exact_grad="rayleigh"`` (default) through ``forward_and_rayleigh`` (J without a graph, its top eigenvector
             v, and J v with one), else through ``forward_and_jacobian``; otherwise the regulariser runs separately
             (:meth:`cdp.contraction.ContractionRegularizer.loss_from_clean`).
         """
         reg = self.regularizer
+        # the network's first-order training forward where it has one (the MLP's fused trunk), for base and CDP alike
+        train_forward = getattr(self.net, "train_forward", self.net)
         if reg is None or reg.config.weight <= 0:
-            return self.net(a_t, t, cond), None, {}
+            return train_forward(a_t, t, cond), None, {}
         shared = (reg.config.share_forward and callable(getattr(self.net, "forward_and_jacobian", None))
                   and reg.uses_exact(a0[0].numel(), self.net))
         if not shared:
-            out = self.net(a_t, t, cond)
+            out = train_forward(a_t, t, cond)
             loss_c, mc = reg.loss_from_clean(self.net, a0, cond, generator=generator)
             return out, loss_c, mc
         if not reg.draw_apply(generator):
-            return self.net(a_t, t, cond), None, {"applied": 0.0}
+            return train_forward(a_t, t, cond), None, {"applied": 0.0}
         B = a0.shape[0]
         m = B if reg.config.max_samples is None else min(B, reg.config.max_samples)
         if reg.covers_all_steps:  # the first m rows of the batch are i.i.d. regularisation points
@@ -287,11 +289,11 @@ class DiffusionPolicy(nn.Module):
             m = a_c.shape[0]
             x_all, t_all = torch.cat([a_c, a_t]), torch.cat([t_c, t])
             c_all = None if cond is None else torch.cat([cond_c, cond])
-        if reg.uses_rayleigh(a0[0].numel(), self.net) and callable(getattr(self.net, "forward_and_jvp", None)):
+        if reg.uses_rayleigh(a0[0].numel(), self.net) and callable(getattr(self.net, "forward_and_rayleigh", None)):
             # one graph-carrying tangent per point (Hellmann–Feynman)
-            out_all, v, jv = self.net.forward_and_jvp(x_all, t_all, c_all, m, lambda J: reg.top_direction(J, t_c))
-            s, _ = sign_and_ratio(self.schedule, t_c.to(torch.float64), reg.config.prediction)
-            loss_c, mc = reg.loss_from_eigenvalue(s * (v * jv).sum(-1), t_c)
+            s = prediction_sign(reg.config.prediction)
+            out_all, _, q = self.net.forward_and_rayleigh(x_all, t_all, c_all, m, lambda J: reg.top_direction(J, t_c))
+            loss_c, mc = reg.loss_from_eigenvalue(s * q, t_c)
         else:
             out_all, J = self.net.forward_and_jacobian(x_all, t_all, c_all, m)
             loss_c, mc = reg.loss_from_jacobian(J, t_c)
