@@ -29,6 +29,7 @@ ESTIMATORS = {  # label -> contraction config fields
     "default, exact_grad=full": dict(exact_grad="full"),  # differentiate eigvalsh of the full J (before session 4)
     "default, separate pass": dict(share_forward=False),
     "default, lazy p=0.5": dict(apply_prob=0.5),
+    "lazy p=0.5, 32 samples": dict(apply_prob=0.5, max_samples=32),  # as many regularised samples per step
     "exact": dict(loss="hinge", estimator="exact"),
     "power K=3": dict(loss="hinge", estimator="power", iters=3),
     "power K=4": dict(loss="hinge", estimator="power", iters=4),
@@ -55,8 +56,9 @@ def time_fn(fn, n_inner: int = 1) -> float:
     return (time.perf_counter() - t0) / n_inner * 1e3
 
 
-def interleaved(fns: dict, repeats: int, warmup: int = 2, n_inner: int = 1) -> dict[str, float]:
-    """Median ms per call of each fn, timed round-robin (the order rotates every repeat)."""
+def interleaved(fns: dict, repeats: int, warmup: int = 2, n_inner: int = 1, raw: bool = False):
+    """Median ms per call of each fn, timed round-robin (the order rotates every repeat); with ``raw`` also the
+    per-repeat times (for ratios paired within a round, which cancel slow drifts of a shared machine's load)."""
     keys = list(fns)
     for _ in range(warmup):
         for k in keys:
@@ -66,7 +68,13 @@ def interleaved(fns: dict, repeats: int, warmup: int = 2, n_inner: int = 1) -> d
         order = keys[r % len(keys):] + keys[:r % len(keys)]
         for k in order:
             times[k].append(time_fn(fns[k], n_inner))
-    return {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return (med, times) if raw else med
+
+
+def paired_ratio(times: dict, key: str, base: str = "base") -> float:
+    """Median over repeats of time[key] / time[base] measured in the same round."""
+    return statistics.median(a / b for a, b in zip(times[key], times[base]))
 
 
 def step_closure(policy: DiffusionPolicy, obs: torch.Tensor, act: torch.Tensor, g: torch.Generator):
@@ -95,22 +103,30 @@ def contraction_dict(label: str, max_samples) -> dict:
     return kw
 
 
+def unfused_base(d: int):
+    """The base step with the MLP's plain autograd forward (nn.Linear + Mish nodes) instead of its fused trunk."""
+    p = make_policy(d, None)
+    p.net.train_forward = p.net.forward  # instance attribute: compute_loss picks it up
+    return train_step_fn(p, d)
+
+
 def bench_steps(dims, repeats, max_samples, compare_full) -> list[str]:
-    rows = ["| d | base ms | " + " | ".join(f"{e} ms (ratio)" for e in ESTIMATORS) + " |",
-            "|---:|---:|" + "---:|" * len(ESTIMATORS)]
+    rows = ["| d | base ms | base, unfused ms (ratio) | " + " | ".join(f"{e} ms (ratio)" for e in ESTIMATORS) + " |",
+            "|---:|---:|---:|" + "---:|" * len(ESTIMATORS)]
     for d in dims:
-        fns = {"base": train_step_fn(make_policy(d, None), d)}
+        fns = {"base": train_step_fn(make_policy(d, None), d), "base, unfused": unfused_base(d)}
         for e in ESTIMATORS:
             fns[e] = train_step_fn(make_policy(d, contraction_dict(e, max_samples)), d)
             if compare_full:
                 fns[e + " (all)"] = train_step_fn(make_policy(d, contraction_dict(e, None)), d)
-        med = interleaved(fns, repeats, n_inner=10)  # mean of 10 steps per sample: lazy steps are bimodal
+        # mean of 10 steps per sample (lazy steps are bimodal); ratios paired within each round
+        med, times = interleaved(fns, repeats, n_inner=10, raw=True)
         b = med["base"]
-        cells = []
+        cells = [f"{med['base, unfused']:.1f} ({paired_ratio(times, 'base, unfused'):.2f})"]
         for e in ESTIMATORS:
-            c = f"{med[e]:.1f} ({med[e] / b:.2f})"
+            c = f"{med[e]:.1f} ({paired_ratio(times, e):.2f})"
             if compare_full:
-                c += f"; all 256: {med[e + ' (all)']:.1f} ({med[e + ' (all)'] / b:.2f})"
+                c += f"; all 256: {med[e + ' (all)']:.1f} ({paired_ratio(times, e + ' (all)'):.2f})"
             cells.append(c)
         rows.append(f"| {d} | {b:.1f} | " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
@@ -186,9 +202,10 @@ def bench_chunk_nets(repeats: int, max_samples: int = 4) -> list[str]:
         fns = {"base": chunk_step_fn(net, None)}
         for v, kw in variants.items():
             fns[v] = chunk_step_fn(net, dict(max_samples=max_samples, **kw))
-        med = interleaved(fns, repeats, warmup=1)
+        med, times = interleaved(fns, repeats, warmup=1, raw=True)
         b = med["base"]
-        rows.append(f"| {net} | {b:.0f} | " + " | ".join(f"{med[v]:.0f} ({med[v] / b:.2f})" for v in variants) + " |")
+        rows.append(f"| {net} | {b:.0f} | " + " | ".join(f"{med[v]:.0f} ({paired_ratio(times, v):.2f})"
+                                                         for v in variants) + " |")
         print(rows[-1], flush=True)
     return rows
 
@@ -252,7 +269,12 @@ def main() -> None:
            f"Regularised samples per batch: {eff_ms if eff_ms is not None else 'all'} (max_samples); "
            f"ContractionConfig defaults: {cfg.to_dict()}", ""]
     if "steps" not in skip:
-        out += ["## Training step (forward + backward + AdamW), CDP/base ratio in brackets", ""]
+        out += ["## Training step (forward + backward + AdamW), CDP/base ratio in brackets",
+                "",
+                "Ratios are medians of per-round ratios (each round times every column back to back), so they "
+                "survive slow drifts of a shared machine's load; ms are medians. 'base, unfused' is the base step "
+                "through nn.Linear/Mish autograd nodes instead of the MLP's fused trunk (the speed-up of session 5).",
+                ""]
         out += bench_steps(dims, repeats, ms, a.compare_full) + [""]
     if "chunk" not in skip:
         out += ["## Chunk networks (Diffusion Policy at PushT shapes, d = 32, 4 regularised samples per batch)", ""]
