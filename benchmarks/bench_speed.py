@@ -170,8 +170,9 @@ def bench_accuracy(dims, train_steps: int, max_samples) -> list[str]:
             reg_m = ContractionRegularizer(ContractionConfig(estimator="exact", margin=10.0, exact_grad=mode),
                                            reg.schedule)  # margin 10: every sample's hinge is active
             loss_m, _ = reg_m(p.net, a_t.float(), t.float(), c.float())
-            grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_m, list(p.net.parameters()),
-                                                                               allow_unused=True) if g is not None]))
+            params = list(p.net.parameters())
+            gs = torch.autograd.grad(loss_m, params, allow_unused=True)  # unused parameter = zero gradient
+            grads.append(torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1) for g, q in zip(gs, params)]))
         cells.append(f"{float((grads[0] - grads[1]).norm() / grads[1].norm()):.1e}")
         rows.append(f"| {d} | " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)

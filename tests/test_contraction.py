@@ -6,7 +6,7 @@ from torch.func import functional_call
 from cdp.contraction import (ContractionConfig, ContractionRegularizer, jacobian, lambda_max, sign_and_ratio,
                              symmetric_jacobian_eigvals)
 from cdp.samplers import integrate_ode
-from cdp.schedules import NoiseSchedule
+from cdp.schedules import NoiseSchedule, ScheduleConfig
 from gaussian import exact_eps, exact_score, exact_x0
 
 
@@ -434,3 +434,34 @@ def test_forward_and_rayleigh_equals_forward_and_jvp():
         net.forward_and_rayleigh(x, t, c, 0, direction)
     with pytest.raises(ValueError, match="direction must return"):
         net.forward_and_rayleigh(x, t, c, 4, lambda J: J[:, 0, :1])
+
+
+@pytest.mark.parametrize("prediction,margin", [("epsilon", 0.0), ("sample", 0.3)])
+def test_hinge_of_rayleigh_equals_loss_from_eigenvalue(prediction, margin):
+    """The graph-free hinge closure applied inside the fused MLP pass = loss_from_eigenvalue(s·q, t): loss value,
+    metrics and parameter gradients (float64), for ε- and x0-prediction, with a margin that makes some rows inactive."""
+    from cdp.contraction import prediction_sign
+    from cdp.nets.mlp import MLPDenoiser
+    torch.manual_seed(2)
+    sched = NoiseSchedule(ScheduleConfig(name="vp", num_steps=10))
+    reg = ContractionRegularizer(ContractionConfig(prediction=prediction, margin=margin, weight=0.3), sched)
+    net = MLPDenoiser(action_dim=3, cond_dim=4, hidden=24, n_layers=3).double()
+    x, c = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64)
+    t = torch.randint(1, 11, (12,)).double() / 10
+    t_c = t[:7]
+    direction = lambda J: reg.top_direction(J, t_c)  # noqa: E731
+    metrics = {}
+    out, _, loss = net.forward_and_rayleigh(x, t, c, 7, direction, q_loss=reg.hinge_of_rayleigh(t_c, metrics))
+    out2, _, q = net.forward_and_rayleigh(x, t, c, 7, direction)
+    loss2, metrics2 = reg.loss_from_eigenvalue(prediction_sign(prediction) * q, t_c)
+    assert loss.shape == () and float(loss) == pytest.approx(float(loss2), rel=1e-12, abs=1e-14)
+    assert metrics.keys() == metrics2.keys() and all(metrics[k] == pytest.approx(metrics2[k], rel=1e-12, abs=1e-14)
+                                                     for k in metrics)
+    w = torch.randn_like(out)
+    g1 = torch.autograd.grad((w * out).sum() + loss, list(net.parameters()))
+    g2 = torch.autograd.grad((w * out2).sum() + loss2, list(net.parameters()))
+    assert all(torch.allclose(a, b, atol=1e-12, rtol=1e-10) for a, b in zip(g1, g2))
+    if margin > 0:
+        assert 0 < metrics["frac_contractive"]  # some rows below the floor: their gradient is zero in both
+    with pytest.raises(ValueError, match="hinge"):
+        ContractionRegularizer(ContractionConfig(loss="frobenius"), sched).hinge_of_rayleigh(t_c, {})

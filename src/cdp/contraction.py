@@ -586,6 +586,53 @@ class ContractionRegularizer:
         lam = r.to(lam_n.dtype) + lam_n
         return self._weighted(torch.clamp(lam, min=-self.config.margin), lam)
 
+    def _ratio_values(self, t: torch.Tensor) -> list[float]:
+        """r(t) of :func:`sign_and_ratio` as Python floats, memoised per distinct t (a discrete schedule has T)."""
+        cache = self.__dict__.setdefault("_r_cache", {})
+        ts = t.tolist()
+        missing = [x for x in set(ts) if x not in cache]
+        if missing:
+            if len(cache) > 100_000:  # continuous t: keep the memo bounded
+                cache.clear()
+            _, r = sign_and_ratio(self.schedule, torch.tensor(missing, dtype=torch.float64), self.config.prediction)
+            cache.update(zip(missing, r.tolist()))
+        return [cache[x] for x in ts]
+
+    def hinge_of_rayleigh(self, t: torch.Tensor, metrics: dict) -> Callable:
+        r"""The weighted hinge on Rayleigh quotients as a graph-free closure, for a fused forward that applies
+        the loss itself (:meth:`cdp.nets.mlp.MLPDenoiser.forward_and_rayleigh` ``q_loss``).
+
+        The closure maps q (B,) (:math:`v^\top J v`, detached) to ``(loss, dloss/dq)``: loss = γ·mean_i
+        max(−β, r_i + s q_i), the value of :meth:`loss_from_eigenvalue` at ``s * q``, and its gradient
+        γ s/B · 1[r_i + s q_i ≥ −β] (the sub-gradient ``torch.clamp`` uses), both computed on B floats in Python
+        (a handful of small tensor operations and autograd nodes cost more than the arithmetic). It fills
+        ``metrics`` with the keys of :meth:`loss_from_eigenvalue`.
+
+        Args:
+            t: (B,) diffusion times of the rows. metrics: dict to fill when the closure runs.
+        Returns:
+            closure ``q -> (loss () tensor, grad (B,) tensor)`` in q's dtype.
+        Raises:
+            ValueError: the loss is not ``hinge``.
+        """
+        c = self.config
+        if c.loss != "hinge":
+            raise ValueError(f"hinge_of_rayleigh is the hinge loss; this regulariser's loss is {c.loss!r}")
+        s, beta, w = prediction_sign(c.prediction), float(c.margin), float(c.weight)
+        r = self._ratio_values(t)
+
+        def closure(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if q.shape != (len(r),):
+                raise ValueError(f"need q ({len(r)},), got {tuple(q.shape)}")
+            lam = [ri + s * qi for ri, qi in zip(r, q.tolist())]
+            n = len(lam)
+            loss_c = sum(max(x, -beta) for x in lam) / n
+            metrics.update(loss_c=loss_c, lambda_max_mean=sum(lam) / n, lambda_max_max=max(lam),
+                           frac_contractive=sum(x < 0 for x in lam) / n)
+            grad = torch.tensor([w * s / n if x >= -beta else 0.0 for x in lam], dtype=q.dtype, device=q.device)
+            return torch.tensor(w * loss_c, dtype=q.dtype, device=q.device), grad
+        return closure
+
     def _weighted(self, per: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         loss_c = per.mean()
         with torch.no_grad():  # one tensor → one host transfer for the four metrics

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .contraction import ContractionConfig, ContractionRegularizer, prediction_sign
+from .contraction import ContractionConfig, ContractionRegularizer
 from .normalization import Normalizer
 from .samplers import SAMPLERS, make_sampler, sample as run_sampler
 from .schedules import NoiseSchedule, PREDICTION_TYPES, ScheduleConfig
@@ -291,9 +291,10 @@ class DiffusionPolicy(nn.Module):
             c_all = None if cond is None else torch.cat([cond_c, cond])
         if reg.uses_rayleigh(a0[0].numel(), self.net) and callable(getattr(self.net, "forward_and_rayleigh", None)):
             # one graph-carrying tangent per point (Hellmann–Feynman)
-            s = prediction_sign(reg.config.prediction)
-            out_all, _, q = self.net.forward_and_rayleigh(x_all, t_all, c_all, m, lambda J: reg.top_direction(J, t_c))
-            loss_c, mc = reg.loss_from_eigenvalue(s * q, t_c)
+            mc = {}  # the hinge is applied inside the fused pass (no autograd nodes of its own)
+            out_all, _, loss_c = self.net.forward_and_rayleigh(x_all, t_all, c_all, m,
+                                                               lambda J: reg.top_direction(J, t_c),
+                                                               q_loss=reg.hinge_of_rayleigh(t_c, mc))
         else:
             out_all, J = self.net.forward_and_jacobian(x_all, t_all, c_all, m)
             loss_c, mc = reg.loss_from_jacobian(J, t_c)

@@ -49,7 +49,7 @@ class _FusedTrunk(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, m: int, direction, d: int, h0: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor,
+    def forward(ctx, m: int, direction, q_loss, d: int, h0: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor,
                 *wb: torch.Tensor):  # noqa: D102
         n = len(wb) // 2
         ws, bs = wb[:n], wb[n:]
@@ -116,6 +116,9 @@ class _FusedTrunk(torch.autograd.Function):
         for l in range(n):
             torch.mul(slopes[l], a[l], out=ins[l + 1][B:])
         q = (v * torch.mm(ins[n][B:], w_out.t())).sum(-1)
+        ctx.q_grad = None
+        if q_loss is not None:  # the loss of q applied here: output it, keep dloss/dq for the backward
+            q, ctx.q_grad = q_loss(q)
         ctx.save_for_backward(w_out, *ws, *ins, *d1s, d2s, *a, v)
         ctx.mark_non_differentiable(v)
         return y, q, v
@@ -128,9 +131,9 @@ class _FusedTrunk(torch.autograd.Function):
         w_out, ws, ins, d1s = saved[0], saved[1:1 + n], saved[1 + n:2 + 2 * n], saved[2 + 2 * n:2 + 3 * n]
         if m:
             d2s, a, v = saved[2 + 3 * n], saved[3 + 3 * n:3 + 4 * n], saved[-1]
-            if g_q is None:
-                g_q = v.new_zeros(m)
-            g_rows = torch.cat([g_y, g_q.unsqueeze(1) * v])  # [∂L/∂y; ∂q/∂(J v)]
+            if ctx.q_grad is not None:  # g_q is ∂L/∂loss(q), a scalar
+                g_q = ctx.q_grad * g_q
+            g_rows = torch.cat([g_y, g_q.unsqueeze(1) * v])  # [∂L/∂y; ∂L/∂(J v)]
         else:
             g_rows = g_y
         g_wout = torch.mm(g_rows.t(), ins[n])
@@ -149,9 +152,9 @@ class _FusedTrunk(torch.autograd.Function):
             g_bs[l] = G[:B].sum(0)
             if l > 0:
                 g_h = torch.mm(G, ws[l])
-            elif ctx.needs_input_grad[3]:
+            elif ctx.needs_input_grad[4]:  # h0 (after m, direction, q_loss, d)
                 g_h0 = torch.mm(G[:B], ws[0])
-        return (None, None, None, g_h0, g_wout, g_bout, *g_ws, *g_bs)
+        return (None, None, None, None, g_h0, g_wout, g_bout, *g_ws, *g_bs)
 
 
 @dataclass
@@ -371,7 +374,8 @@ class MLPDenoiser(nn.Module):
             u = sl * nn.functional.linear(u, lin.weight)
         return out, v, nn.functional.linear(u, self.out.weight)
 
-    def _fused(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, n_jac: int, direction):
+    def _fused(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, n_jac: int, direction,
+               q_loss=None):
         self._check_inputs(x, cond)
         b = x.shape[0]
         d = self.flat_dim
@@ -380,8 +384,8 @@ class MLPDenoiser(nn.Module):
         if cond is not None:
             parts.append(cond)
         lins = list(self.trunk)[0::2]
-        y, q, v = _FusedTrunk.apply(n_jac, direction, d, torch.cat(parts, dim=-1), self.out.weight, self.out.bias,
-                                    *[lin.weight for lin in lins], *[lin.bias for lin in lins])
+        y, q, v = _FusedTrunk.apply(n_jac, direction, q_loss, d, torch.cat(parts, dim=-1), self.out.weight,
+                                    self.out.bias, *[lin.weight for lin in lins], *[lin.bias for lin in lins])
         return y.reshape(x.shape), v, q
 
     def train_forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -394,7 +398,7 @@ class MLPDenoiser(nn.Module):
         return self._fused(x, t, cond, 0, None)[0]
 
     def forward_and_rayleigh(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, n_jac: int,
-                             direction: "Callable[[torch.Tensor], torch.Tensor]"
+                             direction: "Callable[[torch.Tensor], torch.Tensor]", q_loss: Callable | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         r"""The forward pass on all B rows and, for the first ``n_jac``, the Rayleigh quotient :math:`q = v^\top J v`
         at a direction chosen from their Jacobian J — the training-time path of the exact hinge
@@ -409,14 +413,18 @@ class MLPDenoiser(nn.Module):
         Args:
             x: (B, Da) or (B, H, Da). t: (B,). cond: (B, Dc) or None. n_jac: 1 ≤ n_jac ≤ B.
             direction: maps the detached Jacobians (n_jac, d, d) to directions (n_jac, d), d = H·Da.
+            q_loss: optional graph-free loss of q, ``q (n_jac,) -> (loss (), dloss/dq (n_jac,))`` (e.g.
+                :meth:`cdp.contraction.ContractionRegularizer.hinge_of_rayleigh`); then the third output is that
+                loss, whose gradient the fused backward applies (no autograd nodes of its own).
         Returns:
-            (out with x's shape, v (n_jac, d) detached, q (n_jac,) with graph to the parameters).
+            (out with x's shape, v (n_jac, d) detached, q (n_jac,) — or q_loss's loss () — with graph to the
+            parameters).
         Raises:
             ValueError: bad shapes, n_jac outside [1, B], or ``direction`` returning a wrong shape.
         """
         if not 1 <= n_jac <= x.shape[0]:
             raise ValueError(f"n_jac must be in [1, {x.shape[0]}], got {n_jac}")
-        return self._fused(x, t, cond, n_jac, direction)
+        return self._fused(x, t, cond, n_jac, direction, q_loss)
 
     def input_jacobian(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample Jacobians ∂out/∂x in closed form (chain rule through the Linear+Mish trunk), (B, d, d).
