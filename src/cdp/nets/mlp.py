@@ -35,17 +35,21 @@ class _FusedTrunk(torch.autograd.Function):
     q = vᵀ J v of their input Jacobian J = W_o D_n W_n ⋯ D_1 W_1[:, :d] (D_l = diag Mish'(z_l)) at the direction
     v = ``direction(J)`` (a constant).
 
-    Forward: Mish, Mish' (and, for the first m rows, Mish'') from one exponential; J by the transposed chain
-    Jᵀ_l = D_l (W_l Jᵀ_{l−1}) without a graph, keeping each product P_l = W_l Jᵀ_{l−1} (m, d, H); v; the tangent
-    a_l = P_l v (batched (1, d)·(d, H) products), u_l = D_l a_l, written into m spare rows under each layer's input.
+    Forward: Mish and Mish' from one exponential; J by the transposed chain Jᵀ_l = D_l P_l, P_l = W_l Jᵀ_{l−1}
+    (m, d, H), without a graph, its m·d rows stacked above the batch's rows in each layer's matrix product (the
+    bias taken off them again), so the chain costs rows, not extra products; Mish'' of the first m rows of every
+    layer in one stacked pass; v; the tangent a_l = P_l v (batched (1, d)·(d, H) products), u_l = D_l a_l, written
+    into m spare rows under each layer's output. Buffer layout per layer: [Jᵀ rows (m·d) | batch (B) | tangent (m)].
     Backward: with G_l = ∂L/∂z_l (batch rows) and, in the spare rows, g_a = ∂q/∂a_l, every weight gradient is one
     product over B + m rows, [G_l; g_a]ᵀ [h_{l−1}; u_{l−1}] (u_0 = v on W_1's first d columns), and the input
     gradients one product [G_l; g_a] W_l; the slope path adds g_u ⊙ a_l ⊙ Mish''(z_l) to the first m rows of G_l.
-    Equal to autograd through ``nn.Linear`` + Mish (and to :meth:`MLPDenoiser.forward_and_jvp`) to 1e-12 in float64
+    Equal to autograd through ``nn.Linear`` + Mish (and to :meth:`MLPDenoiser.forward_and_jvp`) to 1e-10 in float64
     (tests/test_nets.py, tests/test_contraction.py). A double backward raises (``once_differentiable``).
 
-    Inputs: m (0: no Rayleigh quotient), ``direction`` (or None), d, h0 (B, D0), W_o (d_out, H), b_o, then the n
-    hidden weights and the n hidden biases. Outputs: (y (B, d_out), q (m,), v (m, d)); q and v are empty when m = 0.
+    Inputs (in this order; the backward's ``needs_input_grad[4]`` is h0's): m (0: no Rayleigh quotient),
+    ``direction`` (or None), ``q_loss`` (or None: a graph-free ``q -> (loss (), dloss/dq (m,))`` applied to q, whose
+    loss is then output instead of q), d, h0 (B, D0), W_o (d_out, H), b_o, then the n hidden weights and the n
+    hidden biases. Outputs: (y (B, d_out), q (m,) or q_loss's loss (), v (m, d)); q and v are empty when m = 0.
     """
 
     @staticmethod
