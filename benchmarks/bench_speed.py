@@ -133,6 +133,24 @@ def bench_steps(dims, repeats, max_samples, compare_full) -> list[str]:
     return rows
 
 
+def bench_compile(dims, repeats) -> list[str]:
+    """Base and default-CDP steps eager vs ``DiffusionPolicyConfig(compile=True)`` (torch.compile of the training
+    pass), after the compiling warm-up steps."""
+    cols = ("base", "default", "base, compiled", "default, compiled")
+    rows = ["| d | " + " | ".join(f"{c} ms" for c in cols) + " | CDP/base eager | CDP/base compiled | "
+            "compiled CDP / eager base |", "|---:|" + "---:|" * (len(cols) + 3)]
+    for d in dims:
+        fns = {"base": train_step_fn(make_policy(d, None), d), "default": train_step_fn(make_policy(d, {}), d),
+               "base, compiled": train_step_fn(make_policy(d, None, compile=True), d),
+               "default, compiled": train_step_fn(make_policy(d, {}, compile=True), d)}
+        med, times = interleaved(fns, repeats, warmup=3, n_inner=10, raw=True)
+        rows.append(f"| {d} | " + " | ".join(f"{med[c]:.2f}" for c in cols)
+                    + f" | {paired_ratio(times, 'default'):.2f} | {paired_ratio(times, 'default, compiled', 'base, compiled'):.2f}"
+                    + f" | {paired_ratio(times, 'default, compiled'):.2f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def bench_accuracy(dims, train_steps: int, max_samples) -> list[str]:
     """Relative error of each estimator's λ_max(Ĵ) against eigvalsh of the vmap(jacfwd) Jacobian, on the samples the
     regulariser draws (a net trained ``train_steps`` plain steps on random data)."""
@@ -254,7 +272,7 @@ def main() -> None:
     ap.add_argument("--max-samples", default="default", help="'default' (config default), 'all', or an integer")
     ap.add_argument("--compare-full", action="store_true", help="also time each estimator on the whole batch")
     ap.add_argument("--train-steps", type=int, default=None, help="plain steps before the accuracy check")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: steps,chunk,accuracy,sampling")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: steps,chunk,compile,accuracy,sampling")
     ap.add_argument("--out", required=True, help="markdown file to write")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -280,6 +298,9 @@ def main() -> None:
     if "chunk" not in skip:
         out += ["## Chunk networks (Diffusion Policy at PushT shapes, d = 32, 4 regularised samples per batch)", ""]
         out += bench_chunk_nets(max(3, repeats // 3)) + [""]
+    if "compile" not in skip:
+        out += ["## torch.compile of the training pass (`DiffusionPolicyConfig.compile`)", ""]
+        out += bench_compile([x for x in dims if x <= 7] or dims, repeats) + [""]
     if "accuracy" not in skip:
         out += [f"## Relative error of λ_max(Ĵ) vs exact eigvalsh (float64, on the regularised samples, "
                 f"net after {train_steps} training steps)", ""]

@@ -285,3 +285,13 @@ def test_resume_a_run_made_before_a_config_field_existed(tmp_path):
     with pytest.raises(ValueError, match="gmm_modes"):  # a non-default value is still a real difference
         run_il(tiny(p, policy="dbc", steps=30, eval_episodes=0, diag_obs=0, gmm_modes=3), out, resume=True,
                progress=False)
+
+
+def test_cli_compile_flag_is_a_real_boolean():
+    """--compile takes true/false (a plain bool() type would read 'false' as True) and reaches the policy config."""
+    parse = lambda *a: config_from_args(build_parser().parse_args(["train", "--out", "o", *a]))  # noqa: E731
+    assert parse().compile is False
+    assert parse("--compile", "true").compile is True and parse("--compile", "false").compile is False
+    assert parse("--compile", "true", "--policy", "cdp_dbc").policy_config(20, 2).compile is True
+    with pytest.raises(SystemExit):
+        parse("--compile", "maybe")

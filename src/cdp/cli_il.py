@@ -30,6 +30,13 @@ _OPTIONAL = {"zarr": str, "hdf5": str, "eval_max_steps": int, "fraction": float,
              "diag_samples": int, "ema_power": float}
 
 
+def _bool(s: str) -> bool:
+    v = s.lower()
+    if v not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return v in ("true", "1", "yes")
+
+
 def _opt(tp):
     def conv(s: str):
         return None if s.lower() in ("none", "null") else tp(s)
@@ -67,6 +74,8 @@ def add_train(sub) -> None:
             kw.update(choices=list(TASKS), help=f"(default: {default})")
         elif name == "policy":
             kw.update(choices=sorted(PRESETS), help=f"preset (default: {default})")
+        elif isinstance(default, bool):
+            kw.update(type=_bool, metavar="{true,false}", help=f"(default: {str(default).lower()})")
         else:
             kw.update(type=type(default), help=f"(default: {default})")
         p.add_argument(flag, **kw)

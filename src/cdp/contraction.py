@@ -582,9 +582,24 @@ class ContractionRegularizer:
             raise ValueError(f"loss_from_eigenvalue is the hinge loss; this regulariser's loss is {self.config.loss!r}")
         if lam_n.shape != t.shape or lam_n.dim() != 1:
             raise ValueError(f"need lam (B,) and t (B,), got {tuple(lam_n.shape)} and {tuple(t.shape)}")
+        loss, lam, per_mean = self.hinge_tensors(lam_n, t)
+        return loss, self.loss_metrics(per_mean, lam)
+
+    def hinge_tensors(self, lam_n: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tensor part of :meth:`loss_from_eigenvalue` (no host transfers, so it can sit in a compiled graph):
+        (γ·mean max(−β, r + λ) with its graph, λ̂ = r + λ (B,) detached, the unweighted mean detached)."""
         _, r = sign_and_ratio(self.schedule, t.to(torch.float64), self.config.prediction)
         lam = r.to(lam_n.dtype) + lam_n
-        return self._weighted(torch.clamp(lam, min=-self.config.margin), lam)
+        per_mean = torch.clamp(lam, min=-self.config.margin).mean()
+        return self.config.weight * per_mean, lam.detach(), per_mean.detach()
+
+    @staticmethod
+    def loss_metrics(per_mean: torch.Tensor, lam: torch.Tensor) -> dict[str, float]:
+        """The regulariser's metrics (``loss_c``, ``lambda_max_mean``, ``lambda_max_max``, ``frac_contractive``) from
+        the unweighted loss and λ̂ (B,), both detached (e.g. :meth:`hinge_tensors`' outputs)."""
+        with torch.no_grad():  # one tensor → one host transfer for the four metrics
+            vals = torch.stack([per_mean, lam.mean(), lam.max(), (lam < 0).to(lam.dtype).mean()]).tolist()
+        return dict(zip(("loss_c", "lambda_max_mean", "lambda_max_max", "frac_contractive"), vals))
 
     def _ratio_values(self, t: torch.Tensor) -> list[float]:
         """r(t) of :func:`sign_and_ratio` as Python floats, memoised per distinct t (a discrete schedule has T)."""
@@ -635,10 +650,7 @@ class ContractionRegularizer:
 
     def _weighted(self, per: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         loss_c = per.mean()
-        with torch.no_grad():  # one tensor → one host transfer for the four metrics
-            vals = torch.stack([loss_c, lam.mean(), lam.max(), (lam < 0).to(lam.dtype).mean()]).tolist()
-        metrics = dict(zip(("loss_c", "lambda_max_mean", "lambda_max_max", "frac_contractive"), vals))
-        return self.config.weight * loss_c, metrics
+        return self.config.weight * loss_c, self.loss_metrics(loss_c.detach(), lam.detach())
 
     def loss_from_jacobian(self, J: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted contraction loss γ·L_c from the denoiser's input Jacobians (the ``exact`` estimator).

@@ -110,6 +110,8 @@ class ILConfig:
             diagnostics (0: skip; None: 2 × 4 when d = H·Da ≤ 8, else 1 × 1). They use exact d×d Jacobians at every
             one of the T DDIM steps, twice (λ and the divergence bound): measured ~100 s per observation·sample for
             the default UNet (d = 32, T = 100) on one contended CPU thread, ~10 s for 2 × 4 with the DBC MLP (d = 2).
+        compile: ``torch.compile`` the diffusion policies' training pass (:class:`~cdp.policy.DiffusionPolicyConfig`
+            ``compile``; same losses, ~8-10% faster MLP steps on CPU after ~10 s of compiling).
     """
 
     task: str = "pusht"
@@ -160,6 +162,7 @@ class ILConfig:
     eval_seed_start: int = 100000
     diag_obs: int | None = None
     diag_samples: int | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -239,7 +242,7 @@ class ILConfig:
             network_kwargs=kw, schedule={"name": self.schedule, "num_steps": self.num_diffusion_steps},
             prediction=self.prediction, sampler=self.eval_sampler, num_inference_steps=self.eval_inference_steps,
             clip_sample=1.0, obs_normalizer="minmax", action_normalizer="minmax", ema_decay=self.ema_decay,
-            ema_power=self.ema_power, contraction=contraction)
+            ema_power=self.ema_power, contraction=contraction, compile=self.compile)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,7 +257,8 @@ class ILConfig:
 
 #: ILConfig fields that may change when a run is resumed (everything else must match the saved config.yaml)
 RESUMABLE_CHANGES = frozenset({"steps", "log_every", "ckpt_every", "eval_episodes", "eval_max_steps",
-                               "eval_seed_start", "eval_sampler", "eval_inference_steps", "diag_obs", "diag_samples"})
+                               "eval_seed_start", "eval_sampler", "eval_inference_steps", "diag_obs", "diag_samples",
+                               "compile"})
 
 
 def action_offset_for(config: DiffusionPolicyConfig) -> int:

@@ -38,7 +38,8 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     (jvp, vmap, jacfwd), the composite ops above, which every transform differentiates."""
     if x.numel() < SMALL:
         return nn.functional.mish(x)
-    if torch.is_grad_enabled() and x.requires_grad and not torch._C._are_functorch_transforms_active():
+    if (torch.is_grad_enabled() and x.requires_grad and not torch._C._are_functorch_transforms_active()
+            and not torch.compiler.is_compiling()):  # compiled graphs fuse the composite ops themselves
         return _MishFused.apply(x)
     return _mish_composite(x)
 
@@ -144,7 +145,15 @@ def mish_and_slopes(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor
     """
     if not 0 <= m <= x.shape[0]:
         raise ValueError(f"m must be in [0, {x.shape[0]}], got {m}")
+    if torch.compiler.is_compiling():  # plain ops, differentiated by the compiler
+        return _mish_composite(x), _mish_grad_composite(x[:m])
     return _MishAndSlopes.apply(x, m)
+
+
+def _mish_grad_composite(x: torch.Tensor) -> torch.Tensor:
+    """mish'(x) = t + x σ(x) (1 − t²), t = tanh(softplus(x)), in plain differentiable ops."""
+    t = torch.tanh(nn.functional.softplus(x))
+    return t + x * torch.sigmoid(x) * (1.0 - t * t)
 
 
 def mish_grad(x: torch.Tensor) -> torch.Tensor:
