@@ -186,6 +186,17 @@ def test_rl_config_file_with_command_line_overrides(tmp_path, capsys):
     assert "not cdp rl flags: ['learning_rate']" in capsys.readouterr().err
     assert main(["rl", "--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "y")]) == 2
     assert "config file not found" in capsys.readouterr().err
+    assert main(["rl", "--config", str(cfg), "--compile", "--out", str(tmp_path / "z")]) == 2  # bc has no diffusion
+    assert "do not apply to --algo bc" in capsys.readouterr().err
+
+
+def test_compile_reaches_the_actor_config():
+    """The RL configs' ``compile`` flag (cdp rl --compile) reaches the diffusion actor's policy config."""
+    from cdp.rl import make_config
+
+    for algo in ("edp", "cdp", "idql", "cdp_idql"):
+        cfg = make_config(algo, {"compile": True})
+        assert cfg.policy_config(5, 2).compile is True and make_config(algo).policy_config(5, 2).compile is False
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):

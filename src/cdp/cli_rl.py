@@ -58,6 +58,9 @@ def add_rl(sub) -> None:
     p.add_argument("--gamma", type=float, default=None, help="contraction weight γ (cdp, cdp_dql, cdp_idql; default: 0.1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(2, cores))")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the diffusion actor's training pass (same losses; ~9%% faster MLP steps on CPU "
+                        "after ~10 s of compiling; needs a C++ compiler)")
     p.set_defaults(func=run_rl)
     # defaults are applied in run_rl after the --config file, so that only explicit flags override the file
     _RL_DEFAULTS.clear()
@@ -157,8 +160,10 @@ def run_rl(args) -> int:
             if args.algo in ("idql", "cdp_idql"):
                 raise ValueError("--eta does not apply to idql/cdp_idql (IDQL has no Q term in the actor loss)")
             overrides["eta"] = args.eta
-    elif args.diffusion_steps is not None or args.eta is not None or args.gamma is not None:
-        raise ValueError("--diffusion-steps/--eta/--gamma do not apply to --algo bc")
+        if args.compile:
+            overrides["compile"] = True
+    elif args.diffusion_steps is not None or args.eta is not None or args.gamma is not None or args.compile:
+        raise ValueError("--diffusion-steps/--eta/--gamma/--compile do not apply to --algo bc")
     acfg = make_config(args.algo, overrides)
     if args.gamma is not None:
         if not args.algo.startswith("cdp"):

@@ -106,7 +106,8 @@ class DiffusionActorBase:
 
 
 def mlp_actor_config(obs_dim: int, action_dim: int, hidden: int, n_layers: int, num_diffusion_steps: int,
-                     sampler: str, num_inference_steps: int | None, ema_decay: float, contraction: dict | None):
+                     sampler: str, num_inference_steps: int | None, ema_decay: float, contraction: dict | None,
+                     compile: bool = False):
     """The Diffusion-QL-family actor: MLP denoiser (``n_layers`` × ``hidden`` Mish), ``vp`` schedule with T steps,
     ε-prediction, Gaussian-normalised observations, actions min-max normalised to [-1, 1] and clipped there."""
     from ..policy import DiffusionPolicyConfig
@@ -115,4 +116,4 @@ def mlp_actor_config(obs_dim: int, action_dim: int, hidden: int, n_layers: int, 
         obs_dim=obs_dim, action_dim=action_dim, network="mlp", network_kwargs={"hidden": hidden, "n_layers": n_layers},
         schedule={"name": "vp", "num_steps": num_diffusion_steps}, prediction="epsilon", sampler=sampler,
         num_inference_steps=num_inference_steps, clip_sample=1.0, obs_normalizer="gaussian",
-        action_normalizer="minmax", ema_decay=ema_decay, contraction=contraction)
+        action_normalizer="minmax", ema_decay=ema_decay, contraction=contraction, compile=compile)

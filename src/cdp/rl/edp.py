@@ -82,6 +82,7 @@ class EDPConfig:
         selection: ``"argmax"`` or ``"softmax"`` over the candidates' Q.
         max_q_backup: TD target max over N next actions of min(Q'_1, Q'_2) (AntMaze in Diffusion-QL).
         contraction: None (EDP) or :class:`cdp.contraction.ContractionConfig` fields (CDP).
+        compile: ``torch.compile`` the actor's training pass (:class:`~cdp.policy.DiffusionPolicyConfig` ``compile``).
     """
 
     hidden: int = 256
@@ -100,6 +101,7 @@ class EDPConfig:
     selection: str = "softmax"
     max_q_backup: bool = False
     contraction: dict[str, Any] | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
@@ -118,7 +120,8 @@ class EDPConfig:
 
     def policy_config(self, obs_dim: int, action_dim: int) -> DiffusionPolicyConfig:
         return mlp_actor_config(obs_dim, action_dim, self.hidden, self.n_layers, self.num_diffusion_steps,
-                                "dpmsolver++", self.num_inference_steps, self.ema_decay, self.contraction)
+                                "dpmsolver++", self.num_inference_steps, self.ema_decay, self.contraction,
+                                self.compile)
 
 
 class EDP(DiffusionActorBase):

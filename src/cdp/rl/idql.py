@@ -91,6 +91,7 @@ class IDQLConfig:
         num_candidates: N actions sampled per state at evaluation. selection: ``"expectile"``, ``"expectile_simple"``
             or ``"argmax"``. adv_floor: floor of |Q − V| in the ``"expectile"`` weights.
         contraction: None (IDQL) or :class:`cdp.contraction.ContractionConfig` fields (CDP-IDQL).
+        compile: ``torch.compile`` the actor's training pass (:class:`~cdp.policy.DiffusionPolicyConfig` ``compile``).
     Raises:
         ValueError: on any out-of-range value.
     """
@@ -112,6 +113,7 @@ class IDQLConfig:
     selection: str = "expectile"
     adv_floor: float = 1e-6
     contraction: dict[str, Any] | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
@@ -134,7 +136,8 @@ class IDQLConfig:
 
     def policy_config(self, obs_dim: int, action_dim: int) -> DiffusionPolicyConfig:
         return mlp_actor_config(obs_dim, action_dim, self.hidden, self.n_layers, self.num_diffusion_steps,
-                                "ddpm", None, self.ema_decay, self.contraction)
+                                "ddpm", None, self.ema_decay, self.contraction,
+                                self.compile)
 
 
 class IDQL(DiffusionActorBase):
