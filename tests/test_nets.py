@@ -396,24 +396,27 @@ def test_fused_mish_node_first_and_second_derivatives_and_transform_paths():
     assert torch.allclose(jv, g_ref.detach() / w * tangent, rtol=1e-8, atol=1e-10)
 
 
-def test_mish_and_slopes_values_and_gradients():
-    """mish_and_slopes(x, m) = (mish(x), mish'(x[:m])) with the same first-order gradients as composing F.mish and
-    its autograd derivative; m out of range raises."""
+def test_mish_parts_and_second_derivative_match_autograd_of_torch_mish():
+    """mish_parts (one exponential) = (F.mish, its autograd derivative), mish_second = the autograd second
+    derivative, tanh_softplus_and_sigmoid = (tanh∘softplus, σ), in float64 over a wide range; ``out`` is written."""
     import torch.nn.functional as F
 
-    from cdp.nets.activations import mish_and_slopes
+    from cdp.nets.activations import mish_parts, mish_second, tanh_softplus_and_sigmoid
 
-    x = (torch.randn(64, 70, dtype=torch.float64) * 3).requires_grad_()
-    y, s = mish_and_slopes(x, 5)
-    (d1,) = torch.autograd.grad(F.mish(x).sum(), x, create_graph=True)
-    assert torch.allclose(y, F.mish(x), rtol=1e-12, atol=1e-13) and s.shape == (5, 70)
-    assert torch.allclose(s, d1[:5], rtol=1e-10, atol=1e-12)
-    wy, ws = torch.randn_like(y), torch.randn_like(s)
-    (g,) = torch.autograd.grad((wy * y).sum() + (ws * s).sum(), x)
-    (g_ref,) = torch.autograd.grad((wy * F.mish(x)).sum() + (ws * d1[:5]).sum(), x)
-    assert torch.allclose(g, g_ref, rtol=1e-9, atol=1e-11)
-    with pytest.raises(ValueError, match="m must be"):
-        mish_and_slopes(x, 65)
+    x = torch.cat([torch.linspace(-40, 40, 801, dtype=torch.float64), torch.randn(500, dtype=torch.float64) * 3])
+    xr = x.clone().requires_grad_()
+    (d1,) = torch.autograd.grad(F.mish(xr).sum(), xr, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), xr)
+    out = torch.empty_like(x)
+    y, g = mish_parts(x, out=out)
+    assert y.data_ptr() == out.data_ptr() and torch.allclose(y, F.mish(x), rtol=1e-12, atol=1e-13)
+    assert torch.allclose(g, d1.detach(), rtol=1e-10, atol=1e-12)
+    t, s = tanh_softplus_and_sigmoid(x)
+    assert torch.allclose(t, torch.tanh(F.softplus(x)), rtol=1e-12, atol=1e-13)
+    low = x <= 20  # above the exponent clamp s = 1 − 2e-9 instead of 1 (there it only meets 1 − t² ≈ 0)
+    assert torch.allclose(s[low], torch.sigmoid(x[low]), rtol=1e-12, atol=1e-13)
+    assert torch.allclose(s, torch.sigmoid(x), rtol=0, atol=3e-9)
+    assert torch.allclose(mish_second(x, t, s), d2, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("horizon,cond_dim", [(1, 5), (4, 0)])

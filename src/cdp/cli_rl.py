@@ -59,7 +59,7 @@ def add_rl(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(2, cores))")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the diffusion actor's training pass (same losses; ~9%% faster MLP steps on CPU "
+                   help="torch.compile the diffusion actor's training pass (same losses; measured 0-4%% faster RL steps on CPU "
                         "after ~10 s of compiling; needs a C++ compiler)")
     p.set_defaults(func=run_rl)
     # defaults are applied in run_rl after the --config file, so that only explicit flags override the file

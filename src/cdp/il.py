@@ -111,7 +111,7 @@ class ILConfig:
             one of the T DDIM steps, twice (λ and the divergence bound): measured ~100 s per observation·sample for
             the default UNet (d = 32, T = 100) on one contended CPU thread, ~10 s for 2 × 4 with the DBC MLP (d = 2).
         compile: ``torch.compile`` the diffusion policies' training pass (:class:`~cdp.policy.DiffusionPolicyConfig`
-            ``compile``; same losses, ~8-10% faster MLP steps on CPU after ~10 s of compiling).
+            ``compile``; same losses, ~9-10% faster bare MLP steps on CPU after ~10 s of compiling).
     """
 
     task: str = "pusht"

@@ -32,31 +32,41 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     """Mish, elementwise; any shape. Equal to ``torch.nn.functional.mish`` (see the module docstring); tensors with
     fewer than :data:`SMALL` elements (batch-1 sampling) go to ``F.mish`` itself.
 
-    Under plain autograd (grad enabled, no ``torch.func`` transform active) it is one autograd node that keeps
-    mish'(x) from the forward, so the backward is one multiplication (:class:`_MishFused`; measured 1.4 ms of a
-    7.1 ms MLP training step saved, docs/speed.md session 5); without grad, or inside ``torch.func`` transforms
-    (jvp, vmap, jacfwd), the composite ops above, which every transform differentiates."""
+    Under plain autograd (grad enabled, no ``torch.func`` transform active, not being compiled) it is one autograd
+    node that keeps mish'(x) from the forward, so the backward is one multiplication (:class:`_MishFused`; measured
+    1.4 ms of a 7.1 ms MLP training step saved, docs/speed.md session 5); otherwise the composite ops above, which
+    every transform and the compiler differentiate."""
     if x.numel() < SMALL:
         return nn.functional.mish(x)
     if (torch.is_grad_enabled() and x.requires_grad and not torch._C._are_functorch_transforms_active()
-            and not torch.compiler.is_compiling()):  # compiled graphs fuse the composite ops themselves
+            and not torch.compiler.is_compiling()):
         return _MishFused.apply(x)
-    return _mish_composite(x)
-
-
-def _mish_composite(x: torch.Tensor) -> torch.Tensor:
     e = torch.exp(x.clamp(max=_CLAMP))
     n = e * (e + 2.0)
     return x * (n / (n + 2.0))
 
 
-def _mish_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mish(x), mish'(x), tanh(softplus(x)), σ(x)) from one exponential, without a graph (see module docstring)."""
+def tanh_softplus_and_sigmoid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, s) = (tanh(softplus(x)), σ(x)) from one exponential: t = n / (n + 2) with n = e(e + 2), s = e / (1 + e).
+    Above the exponent clamp (x > 20) s is 1 − 2e-9 instead of 1; Mish' and Mish'' only use it times 1 − t² = 0."""
     e = torch.exp(x.clamp(max=_CLAMP))
     n = e * (e + 2.0)
-    tn = n / (n + 2.0)
-    sg = e / (1.0 + e)
-    return x * tn, torch.addcmul(tn, x, sg * (1.0 - tn * tn)), tn, sg
+    return n / (n + 2.0), e / (1.0 + e)
+
+
+def mish_parts(x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mish(x), mish'(x)) from one exponential, mish' = t + x s (1 − t²) (t, s of
+    :func:`tanh_softplus_and_sigmoid`); plain ops, for code that writes its own backward. ``out``: optional
+    tensor to write mish(x) into."""
+    t, s = tanh_softplus_and_sigmoid(x)
+    return torch.mul(x, t, out=out), torch.addcmul(t, x, s * (1.0 - t * t))
+
+
+def mish_second(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """mish''(x) = s (1 − t²) (2 + x (1 − s − 2 s t)) from t = tanh(softplus(x)) and s = σ(x); differentiable.
+
+    From mish' = t + x·s·(1 − t²) with t' = s·(1 − t²) and s' = s·(1 − s)."""
+    return s * (1.0 - t * t) * (2.0 + x * (1.0 - s - 2.0 * s * t))
 
 
 class _MishFused(torch.autograd.Function):
@@ -66,7 +76,7 @@ class _MishFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        y, d1, _, _ = _mish_parts(x)
+        y, d1 = mish_parts(x)
         ctx.save_for_backward(x, d1)
         return y
 
@@ -78,82 +88,23 @@ class _MishFused(torch.autograd.Function):
         return g * d1
 
 
-def _mish_second(x: torch.Tensor) -> torch.Tensor:
-    """mish''(x) = s·(1 − t²)·(2 + x·(1 − s) − 2·x·s·t) with t = tanh(softplus(x)), s = σ(x); differentiable.
-
-    From mish' = t + x·s·(1 − t²) with t' = s·(1 − t²) and s' = s·(1 − s)."""
-    t = torch.tanh(nn.functional.softplus(x))
-    s = torch.sigmoid(x)
-    return s * (1.0 - t * t) * (2.0 + x * (1.0 - s) - 2.0 * x * s * t)
-
-
 class _MishGrad(torch.autograd.Function):
     """mish'(x) as one autograd node whose backward is mish''(x) in closed form (about a third of the ops of
     differentiating the composite; double backward works because the backward uses differentiable ops)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        # mish' and mish'' share t = tanh(softplus(x)), s = σ(x) and w = s(1 − t²): compute both now, so the
-        # (first-order) backward is one multiplication.
-        t = torch.tanh(nn.functional.softplus(x))
-        s = torch.sigmoid(x)
-        w = s * (1.0 - t * t)
-        second = w * (2.0 + x * (1.0 - s - 2.0 * s * t))
-        ctx.save_for_backward(x, second)
-        return torch.addcmul(t, x, w)
+        # mish' and mish'' share t and s: compute both now, so the (first-order) backward is one multiplication
+        t, s = torch.tanh(nn.functional.softplus(x)), torch.sigmoid(x)
+        ctx.save_for_backward(x, mish_second(x, t, s))
+        return torch.addcmul(t, x, s * (1.0 - t * t))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x, second = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: a differentiable mish'' (double backward works)
-            return g * _mish_second(x)
+            return g * mish_second(x, torch.tanh(nn.functional.softplus(x)), torch.sigmoid(x))
         return g * second
-
-
-class _MishAndSlopes(torch.autograd.Function):
-    """(mish(x), mish'(x[:m])) as one node: the forward shares the exponential, the backward is
-    ``gh · mish'(x)`` plus ``g_slope · mish''(x[:m])`` added into the first m rows (no zero-padded slice gradient).
-    First-order only (``once_differentiable``)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
-        y, d1, tn, sg = _mish_parts(x)
-        xm, tm, sm = x[:m], tn[:m], sg[:m]
-        w = sm * (1.0 - tm * tm)
-        d2 = w * (2.0 + xm * (1.0 - sm - 2.0 * sm * tm))  # mish'' (see _mish_second)
-        ctx.save_for_backward(d1, d2)
-        ctx.mark_non_differentiable()
-        return y, d1[:m].clone()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy: torch.Tensor, gs: torch.Tensor):  # noqa: D102
-        d1, d2 = ctx.saved_tensors
-        gx = gy * d1 if gy is not None else torch.zeros_like(d1)
-        if gs is not None:
-            gx[: d2.shape[0]].addcmul_(gs, d2)
-        return gx, None
-
-
-def mish_and_slopes(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mish(x) (B, ...), mish'(x[:m]) (m, ...)), both differentiable to first order (one autograd node; a double
-    backward raises). Used by :meth:`cdp.nets.mlp.MLPDenoiser.forward_and_jvp`, whose Jacobian rows need Mish' of
-    the first m rows of the batch's pre-activations.
-
-    Raises:
-        ValueError: m outside [0, x.shape[0]].
-    """
-    if not 0 <= m <= x.shape[0]:
-        raise ValueError(f"m must be in [0, {x.shape[0]}], got {m}")
-    if torch.compiler.is_compiling():  # plain ops, differentiated by the compiler
-        return _mish_composite(x), _mish_grad_composite(x[:m])
-    return _MishAndSlopes.apply(x, m)
-
-
-def _mish_grad_composite(x: torch.Tensor) -> torch.Tensor:
-    """mish'(x) = t + x σ(x) (1 − t²), t = tanh(softplus(x)), in plain differentiable ops."""
-    t = torch.tanh(nn.functional.softplus(x))
-    return t + x * torch.sigmoid(x) * (1.0 - t * t)
 
 
 def mish_grad(x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +113,11 @@ def mish_grad(x: torch.Tensor) -> torch.Tensor:
     Used by the closed-form input Jacobians (:meth:`cdp.nets.mlp.MLPDenoiser.input_jacobian`,
     :meth:`~cdp.nets.mlp.MLPDenoiser.forward_and_jacobian`), whose parameter gradient passes through mish''.
     Not usable inside ``torch.func`` transforms (custom autograd Function without ``vmap``/``jvp`` rules); the
-    functorch estimators differentiate :func:`mish` itself."""
+    functorch estimators differentiate :func:`mish` itself. While being compiled it is the same formula in plain ops,
+    which the compiler differentiates."""
+    if torch.compiler.is_compiling():
+        t = torch.tanh(nn.functional.softplus(x))
+        return t + x * torch.sigmoid(x) * (1.0 - t * t)
     return _MishGrad.apply(x)
 
 

@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cdp.nets.activations import _CLAMP as _MISH_CLAMP
-from cdp.nets.activations import Mish, mish, mish_and_grad, mish_and_slopes, mish_grad
+from cdp.nets.activations import (Mish, mish, mish_and_grad, mish_grad, mish_parts, mish_second,
+                                  tanh_softplus_and_sigmoid)
 from cdp.nets.embeddings import SinusoidalTimeEmbedding
 
 __all__ = ["MLPDenoiserConfig", "MLPDenoiser"]
@@ -76,14 +76,8 @@ class _FusedTrunk(torch.autograd.Function):
                 z = z_all[md:]
                 if m:
                     pre.append(z_all[:md].sub_(b).view(m, d, -1))  # P_l = W_l Jᵀ_{l−1}, no bias
-            e = torch.exp(z.clamp(max=_MISH_CLAMP))
-            nn_ = e * (e + 2.0)
-            tn = nn_ / (nn_ + 2.0)
-            sg = e / (1.0 + e)
-            slope_w = sg * (1.0 - tn * tn)  # σ(1 − tanh²(softplus)), the t' of mish' = t + z t'
             buf = z.new_empty(md + B + m, z.shape[1])
-            torch.mul(z, tn, out=buf[md: md + B])
-            d1 = torch.addcmul(tn, z, slope_w)
+            _, d1 = mish_parts(z, out=buf[md: md + B])  # Mish into the batch rows, Mish' kept for the backward
             d1s.append(d1)
             if m:
                 z_reg.append(z[:m])
@@ -97,15 +91,8 @@ class _FusedTrunk(torch.autograd.Function):
             q, v = y.new_empty(0), y.new_empty(0)
             ctx.mark_non_differentiable(q, v)
             return y, q, v
-        # Mish'' of the regularised rows of every layer at once (fewer, larger ops than per layer), from
-        # mish'' = w (2 + z (1 − s − 2 s t)), w = s (1 − t²), t = tanh(softplus z), s = σ(z)
-        zr = torch.stack(z_reg)  # (n, m, H)
-        e = torch.exp(zr.clamp(max=_MISH_CLAMP))
-        tn = e * (e + 2.0)
-        tn = tn.div_(tn + 2.0)
-        sg = e.div_(e + 1.0)
-        d2s = torch.addcmul(sg, sg, tn, value=2.0).neg_().add_(1.0).mul_(zr).add_(2.0)
-        d2s.mul_(tn.mul_(tn).neg_().add_(1.0).mul_(sg))
+        zr = torch.stack(z_reg)  # (n, m, H): Mish'' of the regularised rows of every layer at once
+        d2s = mish_second(zr, *tanh_softplus_and_sigmoid(zr))
         J = y_all[:md].sub_(b_out).view(m, d, -1).transpose(1, 2)
         v = direction(J)
         if tuple(v.shape) != (m, d):
@@ -266,6 +253,22 @@ class MLPDenoiser(nn.Module):
             if cond.dim() != 2 or cond.shape[-1] != c.cond_dim:
                 raise ValueError(f"MLPDenoiser: cond must have shape (B, {c.cond_dim}), got {tuple(cond.shape)}")
 
+    def _trunk_input(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
+                     t_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """The trunk's input rows ``[x flattened, time embedding, cond]``, (B, d + time_dim + Dc), after checking
+        the shapes (ValueError). ``t`` may have one element (broadcast); a given ``t_emb`` replaces it."""
+        self._check_inputs(x, cond)
+        b = x.shape[0]
+        if t_emb is None:
+            t = t.reshape(-1).expand(b) if t.numel() == 1 else t
+            t_emb = self.time_mlp(t.to(x.dtype))
+        elif t_emb.shape[0] != b:
+            t_emb = t_emb.expand(b, -1)
+        parts = [x.reshape(b, self.flat_dim), t_emb]
+        if cond is not None:
+            parts.append(cond)
+        return torch.cat(parts, dim=-1)
+
     def embed_time(self, t: torch.Tensor) -> torch.Tensor:
         """The time MLP's output for t of shape (B,) → (B, time_dim); pass it back as ``t_emb`` to skip recomputing it
         (samplers do, since every sample of a step shares t)."""
@@ -275,28 +278,16 @@ class MLPDenoiser(nn.Module):
                 t_emb: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, Da) or (B, H, Da), t (B,) or one element, cond (B, Dc) or None; optional precomputed
         ``t_emb`` (B, time_dim) or (1, time_dim) from :meth:`embed_time` (then ``t`` is ignored). Returns x's shape."""
-        self._check_inputs(x, cond)
-        b = x.shape[0]
-        flat = x.reshape(b, self.flat_dim)
-        if t_emb is None:
-            t = t.reshape(-1).expand(b) if t.numel() == 1 else t
-            t_emb = self.time_mlp(t.to(x.dtype))
-        elif t_emb.shape[0] != b:
-            t_emb = t_emb.expand(b, -1)
-        parts = [flat, t_emb]
-        if cond is not None:
-            parts.append(cond)
-        out = self.out(self.trunk(torch.cat(parts, dim=-1)))
-        return out.reshape(x.shape)
+        return self.out(self.trunk(self._trunk_input(x, t, cond, t_emb))).reshape(x.shape)
 
     def forward_and_jacobian(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, n_jac: int
                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward pass on all B rows and, in the same layer loop, the input Jacobian of the first ``n_jac``.
 
         The Jacobian rows reuse the forward's pre-activations (no second forward pass, no second time embedding):
-        per layer, Jᵀ ← Mish'(z[:n_jac]) ⊙ (Jᵀ Wᵀ), one (n_jac·d, width) product beside the batch's. Stacking the
-        Jacobian rows into the batch's matrix product was measured no faster (the cat / slice backward cost what the
-        merged product saved; docs/speed.md).
+        per layer, Jᵀ ← Mish'(z[:n_jac]) ⊙ (Jᵀ Wᵀ), one (n_jac·d, width) product beside the batch's. (Stacking the
+        Jacobian rows into the batch's product through autograd was measured no faster here — the cat / slice
+        backward cost what it saved; :class:`_FusedTrunk` stacks them with a written-out backward instead.)
 
         Args:
             x: (B, Da) or (B, H, Da). t: (B,). cond: (B, Dc) or None. n_jac: 0 ≤ n_jac ≤ B.
@@ -306,17 +297,10 @@ class MLPDenoiser(nn.Module):
         Raises:
             ValueError: bad shapes, or n_jac outside [0, B].
         """
-        self._check_inputs(x, cond)
-        b = x.shape[0]
-        if not 0 <= n_jac <= b:
-            raise ValueError(f"n_jac must be in [0, {b}], got {n_jac}")
+        h = self._trunk_input(x, t, cond)
+        if not 0 <= n_jac <= x.shape[0]:
+            raise ValueError(f"n_jac must be in [0, {x.shape[0]}], got {n_jac}")
         d = self.flat_dim
-        flat = x.reshape(b, d)
-        t = t.reshape(-1).expand(b) if t.numel() == 1 else t
-        parts = [flat, self.time_mlp(t.to(x.dtype))]
-        if cond is not None:
-            parts.append(cond)
-        h = torch.cat(parts, dim=-1)
         jac_t = None  # (n_jac, d, width): transposed Jacobian of h w.r.t. the first n_jac rows' flat inputs
         for lin in list(self.trunk)[0::2]:
             z = lin(h)
@@ -348,21 +332,16 @@ class MLPDenoiser(nn.Module):
         Raises:
             ValueError: bad shapes, n_jac outside [1, B], or ``direction`` returning a wrong shape.
         """
-        self._check_inputs(x, cond)
-        b = x.shape[0]
-        if not 1 <= n_jac <= b:
-            raise ValueError(f"n_jac must be in [1, {b}], got {n_jac}")
+        h = self._trunk_input(x, t, cond)
+        if not 1 <= n_jac <= x.shape[0]:
+            raise ValueError(f"n_jac must be in [1, {x.shape[0]}], got {n_jac}")
         d = self.flat_dim
-        t = t.reshape(-1).expand(b) if t.numel() == 1 else t
-        parts = [x.reshape(b, d), self.time_mlp(t.to(x.dtype))]
-        if cond is not None:
-            parts.append(cond)
-        h = torch.cat(parts, dim=-1)
         lins = list(self.trunk)[0::2]
         slopes = []  # Mish'(z) of the first n_jac rows, per layer, with graph
         for lin in lins:
-            h, sl = mish_and_slopes(lin(h), n_jac)
-            slopes.append(sl)
+            z = lin(h)
+            slopes.append(mish_grad(z[:n_jac]))
+            h = mish(z)
         out = self.out(h).reshape(x.shape)
         with torch.no_grad():
             jac_t = slopes[0].detach().unsqueeze(1) * lins[0].weight[:, :d].t().contiguous()  # contiguous: see _FusedTrunk
@@ -380,16 +359,10 @@ class MLPDenoiser(nn.Module):
 
     def _fused(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, n_jac: int, direction,
                q_loss=None):
-        self._check_inputs(x, cond)
-        b = x.shape[0]
-        d = self.flat_dim
-        t = t.reshape(-1).expand(b) if t.numel() == 1 else t
-        parts = [x.reshape(b, d), self.time_mlp(t.to(x.dtype))]
-        if cond is not None:
-            parts.append(cond)
+        h0 = self._trunk_input(x, t, cond)
         lins = list(self.trunk)[0::2]
-        y, q, v = _FusedTrunk.apply(n_jac, direction, q_loss, d, torch.cat(parts, dim=-1), self.out.weight,
-                                    self.out.bias, *[lin.weight for lin in lins], *[lin.bias for lin in lins])
+        y, q, v = _FusedTrunk.apply(n_jac, direction, q_loss, self.flat_dim, h0, self.out.weight, self.out.bias,
+                                    *[lin.weight for lin in lins], *[lin.bias for lin in lins])
         return y.reshape(x.shape), v, q
 
     def train_forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -410,7 +383,7 @@ class MLPDenoiser(nn.Module):
         :math:`\lambda_{\max}(s J^{sym})` with its gradient (Hellmann–Feynman).
 
         Same value and parameter gradients as ``(v * jv).sum(-1)`` from :meth:`forward_and_jvp` (tested to 1e-12 in
-        float64), at a lower cost (:class:`_FusedTrunk`): Mish and the regularised rows' Mish' / Mish'' share one
+        float64), at a lower cost (:class:`_FusedTrunk`): Mish and Mish' share one
         exponential, the tangent reuses the Jacobian chain's products, and its gradients ride in the batch's matrix
         products (m extra rows). First-order only: a double backward raises.
 
@@ -438,14 +411,7 @@ class MLPDenoiser(nn.Module):
         times cheaper for the small batches the contraction regulariser uses. Differentiable w.r.t. the parameters
         (Mish' is written out, so double backward works).
         """
-        self._check_inputs(x, cond)
-        b = x.shape[0]
-        flat = x.reshape(b, self.flat_dim)
-        t = t.reshape(-1).expand(b) if t.numel() == 1 else t
-        parts = [flat, self.time_mlp(t.to(x.dtype))]
-        if cond is not None:
-            parts.append(cond)
-        h = torch.cat(parts, dim=-1)
+        h = self._trunk_input(x, t, cond)
         jac_t = None  # (B, d, width): the TRANSPOSED Jacobian of h w.r.t. flat, so each layer is one (B·d, width) mm
         mods = list(self.trunk)
         for lin in mods[0::2]:
