@@ -155,11 +155,17 @@ def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tenso
     return directory
 
 
-def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
+def load_checkpoint(directory: str | os.PathLike, with_state: bool = True
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
     """Read a checkpoint folder → (tensors, meta, state or None).
+
+    ``state.pt`` (trainer state: optimiser moments, RNG states, counters) is read with
+    ``torch.load(weights_only=True)``, which unpickles only tensors and plain containers: a file that holds any other
+    object is refused, so a checkpoint folder cannot execute code. ``with_state=False`` skips the file (evaluation).
 
     Raises:
         FileNotFoundError: the folder or its ``model.safetensors`` / ``policy.json`` is missing.
+        ValueError: ``state.pt`` holds something other than tensors and plain containers, or is unreadable.
     """
     directory = Path(directory)
     for name in ("model.safetensors", "policy.json"):
@@ -167,7 +173,14 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tenso
             raise FileNotFoundError(f"not a cdp checkpoint: {directory / name} is missing")
     tensors = load_file(str(directory / "model.safetensors"))
     meta = json.loads((directory / "policy.json").read_text())
-    state = torch.load(directory / "state.pt", weights_only=False) if (directory / "state.pt").exists() else None
+    state = None
+    if with_state and (directory / "state.pt").exists():
+        try:
+            state = torch.load(directory / "state.pt", weights_only=True, map_location="cpu")
+        except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError/EOFError for a damaged file
+            raise ValueError(f"refusing {directory / 'state.pt'}: not a plain trainer state ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); delete the file to start the optimiser afresh, or use "
+                             f"a new run folder") from None
     return tensors, meta, state
 
 
@@ -188,7 +201,7 @@ def load_policy(directory: str | os.PathLike, use_ema: bool = True):
     from .policies.bc_gmm import BCGMMConfig, BCGMMPolicy
     from .policy import DiffusionPolicy, DiffusionPolicyConfig
 
-    tensors, meta, _ = load_checkpoint(directory)
+    tensors, meta, _ = load_checkpoint(directory, with_state=False)
     classes = {"DiffusionPolicy": (DiffusionPolicy, DiffusionPolicyConfig), "BCGMMPolicy": (BCGMMPolicy, BCGMMConfig)}
     if meta.get("class") not in classes:
         raise ValueError(f"checkpoint {directory} holds a {meta.get('class')!r}, not one of {sorted(classes)}")

@@ -96,7 +96,7 @@ def _load_modules(agent, tensors: dict[str, torch.Tensor]) -> None:
 
 def load_agent(directory: str | Path):
     """Rebuild an agent from :func:`save_agent`'s folder (weights only) → (agent, meta)."""
-    tensors, meta, _ = load_checkpoint(directory)
+    tensors, meta, _ = load_checkpoint(directory, with_state=False)
     algo = meta["algo"]
     agent = make_agent(algo, meta["obs_dim"], meta["action_dim"], meta["config"])
     _load_modules(agent, tensors)
