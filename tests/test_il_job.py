@@ -11,11 +11,12 @@ import yaml
 import zarr
 
 from cdp.cli import build_parser, main
-from cdp.cli_il import config_from_args
 from cdp.envs.pusht import HAVE_GYM_PUSHT
 from cdp.policy import DiffusionPolicy
 from cdp.il import PRESETS, ILConfig, action_offset_for, eval_checkpoint, make_windows, resolve_zarr, run_il
 from cdp.runs import load_checkpoint, load_policy
+
+from datasets import make_pusht_zarr
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,21 +25,6 @@ def real_pusht():
     p = os.environ.get("CDP_PUSHT_ZARR") or str(REPO_ROOT / ".." / "shared" / "data" / "pusht" /
                                                  "pusht_cchi_v7_replay.zarr")
     return p if os.path.exists(p) else None
-
-
-def make_pusht_zarr(path, lengths=(24, 30, 20, 26), seed=0):
-    """A replay buffer in the PushT layout: data/action (N, 2), data/state (N, 5), data/keypoint (N, 9, 2), px."""
-    rng = np.random.default_rng(seed)
-    n = sum(lengths)
-    st = np.concatenate([rng.uniform(50, 450, (n, 4)), rng.uniform(0, 6.28, (n, 1))], 1).astype(np.float32)
-    kp = (st[:, None, 2:4] + rng.normal(0, 20, (n, 9, 2))).astype(np.float32)
-    act = (st[:, :2] + rng.normal(0, 5, (n, 2))).astype(np.float32)
-    root = zarr.open_group(str(path), mode="w")
-    root.create_dataset("data/action", data=act)
-    root.create_dataset("data/state", data=st)
-    root.create_dataset("data/keypoint", data=kp)
-    root.create_dataset("meta/episode_ends", data=np.cumsum(lengths).astype(np.int64))
-    return str(path)
 
 
 def tiny(zarr_path, **kw):

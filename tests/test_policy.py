@@ -53,7 +53,7 @@ def test_shared_forward_gives_the_same_loss_as_separate_passes(t_range):
         k = torch.randint(1, T + 1, (32,), generator=g)
         noise = torch.randn(32, 2, generator=g)
         a0 = pol.action_normalizer.normalize(act)
-        cond = pol._cond(obs)
+        cond = pol.condition(obs)
         a_t, t = pol.schedule.add_noise(a0, noise, k), k / T
         loss_d = ((pol.net(a_t, t, cond) - noise) ** 2).mean()
         if reg.covers_all_steps:
@@ -147,7 +147,7 @@ def test_cached_time_embedding_gives_identical_samples():
     noise = torch.randn(16, 2)
     a1 = pol.sample(obs, noise=noise, sampler="dpmsolver++", num_inference_steps=3)
     from cdp.samplers import make_sampler, sample
-    ref = sample(pol.net, make_sampler("dpmsolver++", pol.schedule, "epsilon", 1.0, 3), noise, pol._cond(obs))
+    ref = sample(pol.net, make_sampler("dpmsolver++", pol.schedule, "epsilon", 1.0, 3), noise, pol.condition(obs))
     assert torch.allclose(a1, pol.action_normalizer.unnormalize(ref.clamp(-1, 1)), atol=1e-6)
 
 
@@ -170,7 +170,7 @@ def test_time_embedding_cache_is_used_and_invalidated_by_training():
     a3 = pol.sample(obs, noise=noise, sampler="ddim")
     assert len(calls) == 10
     from cdp.samplers import make_sampler, sample
-    ref = sample(pol.net, make_sampler("ddim", pol.schedule, "epsilon", 1.0), noise, pol._cond(obs))
+    ref = sample(pol.net, make_sampler("ddim", pol.schedule, "epsilon", 1.0), noise, pol.condition(obs))
     assert torch.allclose(a3, pol.action_normalizer.unnormalize(ref.clamp(-1, 1)), atol=1e-6)
 
 

@@ -213,7 +213,7 @@ def test_dql_chain_equals_handwritten_ddpm_loop():
     ds = tiny_dataset()
     ag = agent_for("dql", ds)
     p, T, B = ag.policy, ag.config.num_diffusion_steps, 6
-    cond = p._cond(torch.as_tensor(ds.observations[:B]))
+    cond = p.condition(torch.as_tensor(ds.observations[:B]))
     g = torch.Generator().manual_seed(5)
     noise = torch.randn(B, 2, generator=g)
     noises = [torch.randn(B, 2, generator=g) for _ in range(T)]
@@ -244,7 +244,7 @@ def test_dql_q_term_gradient_flows_through_the_whole_chain():
     ag = agent_for("dql", ds)
     for _ in range(2):
         ag.update(batch_of(ds))
-    cond = ag.policy._cond(torch.as_tensor(ds.observations[:32]))
+    cond = ag.policy.condition(torch.as_tensor(ds.observations[:32]))
     ag.policy.net.zero_grad(set_to_none=True)
     ag.q_term(cond).backward()
     missing = [n for n, q in ag.policy.net.named_parameters() if q.grad is None or not q.grad.abs().sum() > 0]

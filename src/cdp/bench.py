@@ -6,14 +6,14 @@ A spec (``configs/experiments/*.yaml``)::
     name: rl_maze_cpu
     job: rl                         # rl (cdp rl) | il (cdp train) | toy (cdp toy)
     out: runs/bench/rl_maze_cpu     # root of the run folders (relative: to the current directory)
-    algos: [bc, edp, cdp]           # rl: --algo (also dql, cdp_dql, idql, cdp_idql); il: --policy presets;
-                                    # toy: --variants (one variant per cell)
-    datasets: [PointMaze_UMaze-v3]  # rl: --env, or a D4RL name hopper-medium-replay (made by cdp data mujoco);
-                                    # il: --task; toy: a label only (the 2-D four-mode mixture)
-    fractions: [1.0, 0.1]           # --fraction (toy: 1.0 only)
-    seeds: [0, 1, 2]                # --seed
-    overrides: {steps: 2000, eval_episodes: 10, threads: 1}   # any other flag of the sub-command
-    algo_overrides: {cdp: {gamma: 0.1}}   # optional: flags for one algo only (win over 'overrides')
+    algos: [bc, edp, cdp]           # --algo.name: rl bc|edp|cdp|dql|cdp_dql|idql|cdp_idql; il presets;
+                                    # toy: --algo.variants (one variant per cell)
+    datasets: [PointMaze_UMaze-v3]  # rl: --data.env, or a D4RL name hopper-medium-replay (made by cdp data mujoco);
+                                    # il: --data.task; toy: a label only (the 2-D four-mode mixture)
+    fractions: [1.0, 0.1]           # --data.fraction (toy: 1.0 only)
+    seeds: [0, 1, 2]                # --train.seed
+    overrides: {train.steps: 2000, eval.episodes: 10, train.threads: 1}   # any other key of the config tree
+    algo_overrides: {cdp: {policy.contraction.weight: 0.3}}   # optional: keys for one algo only (win over 'overrides')
     baselines: {cdp: edp}           # optional: algo → its base, for the CDP/base compute ratio
     workers: 2                      # optional default of --workers
     shared_dataset: true            # rl only (default): generate the PointMaze dataset once for all cells
@@ -22,9 +22,11 @@ A spec (``configs/experiments/*.yaml``)::
                                     # il, lift / can: {root, n_demos, seed, noise} of the scripted demos
 
 Each cell runs ``python -m cdp.cli <job> ... --out <out>/<job>/<algo>/<dataset>/frac<f>/seed<s>`` (stdout+stderr in
-``bench.log`` there). A cell whose results file exists is skipped; any other cell is (re)started with the same
-``--out``, which resumes it from its checkpoint (rl: automatically, il: ``--resume`` when ``checkpoints/last``
-exists; toy runs are short and restart). Aggregates go to ``<out>/<job>/summary/``.
+``bench.log`` there). Overrides use the dotted keys of :class:`cdp.config.ExperimentConfig` (or nested mappings)
+and are validated against the job's config tree before anything runs. A cell whose results file exists is skipped;
+any other cell is (re)started with the same ``--out``, which resumes it from its checkpoint (toy runs are short and
+restart). With ``train.device`` cuda (an override), each cell asks Ray for one GPU, so a cluster of GPU nodes runs
+one cell per GPU. Aggregates go to ``<out>/<job>/summary/``.
 """
 
 from __future__ import annotations
@@ -49,13 +51,14 @@ COMMAND = {"rl": "rl", "il": "train", "toy": "toy"}
 #: file that marks a finished cell
 RESULT_FILE = {"rl": "results.json", "il": "results.json", "toy": "toy_results.json"}
 #: flag that receives the algo / dataset of a cell (None: not passed)
-ALGO_FLAG = {"rl": "--algo", "il": "--policy", "toy": "--variants"}
-DATASET_FLAG = {"rl": "--env", "il": "--task", "toy": None}
+ALGO_FLAG = {"rl": "--algo.name", "il": "--algo.name", "toy": "--algo.variants"}
+DATASET_FLAG = {"rl": "--data.env", "il": "--data.task", "toy": None}
 #: main metric per job: (label, higher is better)
 MAIN_METRIC = {"rl": ("normalized score", True), "il": ("mean max-coverage (PushT) or success rate (Lift / Can)", True),
                "toy": ("off-support", False)}
 #: flags fixed by the grid: not allowed in ``overrides``
-GRID_FLAGS = {"out", "seed", "fraction", "algo", "policy", "variants", "env", "task", "resume", "config"}
+GRID_FLAGS = {"out", "job", "checkpoint", "train.seed", "data.fraction", "algo.name", "algo.variants", "data.env",
+              "data.task", "data.path", "train.progress"}
 DEFAULT_BASELINES = {"cdp": "edp", "cdp_dql": "dql", "cdp_idql": "idql", "cdp_dbc": "dbc", "cdp_unet": "dp_unet",
                      "cdp_dit": "dp_dit", "cdp_all": "standard", "cdp_low10": "standard"}
 SPEC_KEYS = {"name", "job", "out", "algos", "datasets", "fractions", "seeds", "overrides", "baselines", "workers",
@@ -133,26 +136,23 @@ class Spec:
         return Path(self.out) / self.job
 
 
-def _sub_parser(job: str):
-    """The argparse parser of the job's sub-command (to validate override flags)."""
-    from .cli import build_parser
+def _check_overrides(job: str, algo: str, overrides: dict[str, Any]) -> None:
+    """Build the cell's config tree (job and algo presets + ``overrides``) as the sub-command would; raises
+    ValueError for an unknown key, a wrong type or a key the job / algo does not read."""
+    from .config import apply, base_config, resolve
 
-    parser = build_parser()
-    for action in parser._actions:  # noqa: SLF001  (argparse keeps sub-parsers here)
-        if hasattr(action, "choices") and isinstance(action.choices, dict) and COMMAND[job] in action.choices:
-            return action.choices[COMMAND[job]]
-    raise ValueError(f"sub-command {COMMAND[job]!r} is not registered")
+    cfg = apply(base_config(job, algo if job != "toy" else None), overrides)
+    if job == "toy":
+        cfg = apply(cfg, {"algo.variants": [algo]})
+    resolve(job, cli=cfg)
 
 
 def _valid_algos(job: str) -> set[str]:
     if job == "rl":
         from .rl import ALGOS
         return set(ALGOS)
-    if job == "il":
-        from .il import PRESETS
-        return set(PRESETS)
-    from .toy import VARIANTS
-    return set(VARIANTS)
+    from .config import IL_PRESETS, TOY_VARIANTS
+    return set(IL_PRESETS) if job == "il" else set(TOY_VARIANTS)
 
 
 def _as_list(d: dict, key: str, tp, where: str) -> list:
@@ -198,7 +198,7 @@ def parse_spec(data: dict, where: str = "spec", check_flags: bool = True) -> Spe
         if not re.fullmatch(r"[A-Za-z0-9_.+-]+", d):
             raise ValueError(f"{where}: dataset {d!r} must be a plain name (letters, digits, _ . + -)")
     if job == "il":
-        from .il import TASKS
+        from .experiments.il import TASKS
         bad = sorted(set(datasets) - set(TASKS))
         if bad:
             raise ValueError(f"{where}: unknown il tasks {bad}; choose from {list(TASKS)}")
@@ -211,27 +211,29 @@ def parse_spec(data: dict, where: str = "spec", check_flags: bool = True) -> Spe
     seeds = _as_list(data, "seeds", int, where)
     if any(s < 0 for s in seeds):
         raise ValueError(f"{where}: seeds must be >= 0")
+    from .config import flatten, unflatten
+
     overrides = data.get("overrides") or {}
     if not isinstance(overrides, dict):
-        raise ValueError(f"{where}: 'overrides' must be a mapping of flag → value")
-    overrides = {str(k).replace("-", "_"): v for k, v in overrides.items()}
+        raise ValueError(f"{where}: 'overrides' must be a mapping of config key → value")
+    overrides = flatten(unflatten(overrides))
     per_algo = data.get("algo_overrides") or {}
     if not isinstance(per_algo, dict) or not all(isinstance(v, dict) for v in per_algo.values()):
-        raise ValueError(f"{where}: 'algo_overrides' must map algo → mapping of flag → value")
+        raise ValueError(f"{where}: 'algo_overrides' must map algo → mapping of config key → value")
     bad = sorted(set(map(str, per_algo)) - set(algos))
     if bad:
         raise ValueError(f"{where}: 'algo_overrides' names algos not in 'algos': {bad}")
-    per_algo = {str(a): {str(k).replace("-", "_"): v for k, v in d.items()} for a, d in per_algo.items()}
-    known = {a.dest for a in _sub_parser(job)._actions} if check_flags else None  # noqa: SLF001
+    per_algo = {str(a): flatten(unflatten(d)) for a, d in per_algo.items()}
     for what, ov in [("overrides", overrides)] + [(f"algo_overrides.{a}", d) for a, d in per_algo.items()]:
         fixed = sorted(set(ov) & GRID_FLAGS)
         if fixed:
             raise ValueError(f"{where}: {what} may not set {fixed}: the grid sets them")
-        if known is not None:
-            bad = sorted(k for k in ov if k not in known)
-            if bad:
-                raise ValueError(f"{where}: {what}: 'cdp {COMMAND[job]}' has no flags "
-                                 f"{['--' + b.replace('_', '-') for b in bad]}")
+    if check_flags:
+        for a in algos:
+            try:
+                _check_overrides(job, a, {**overrides, **per_algo.get(a, {})})
+            except ValueError as e:
+                raise ValueError(f"{where}: overrides for {a}: {e}") from None
     baselines = data.get("baselines") or {}
     if not isinstance(baselines, dict):
         raise ValueError(f"{where}: 'baselines' must be a mapping algo → base algo")
@@ -292,22 +294,19 @@ class Cell:
         return (self.out / RESULT_FILE[self.job]).exists()
 
     def argv(self, python: str = sys.executable) -> list[str]:
-        """The full command; il cells with a checkpoint resume from it."""
-        extra = []
-        if self.job == "il" and (self.out / "checkpoints" / "last" / "policy.json").exists():
-            extra = ["--resume"]
-        return [python, "-m", "cdp.cli", *self.args, *extra]
+        """The full command (re-running a cell's command resumes it from its checkpoint)."""
+        return [python, "-m", "cdp.cli", *self.args]
 
     def label(self) -> str:
         return f"{self.algo}/{self.dataset}/frac{self.fraction:g}/seed{self.seed}"
 
 
 def _flag_values(name: str, v: Any) -> list[str]:
-    flag = "--" + name.replace("_", "-")
+    flag = "--" + name
     if isinstance(v, bool):
-        return [flag] if v else []
+        return [flag, str(v)]
     if v is None:
-        return [flag, "none"]
+        return [flag, "None"]
     if isinstance(v, (list, tuple)):
         return [flag, *map(str, v)]
     return [flag, str(v)]
@@ -329,23 +328,29 @@ def expand(spec: Spec) -> list[Cell]:
                     if DATASET_FLAG[spec.job]:
                         args += [DATASET_FLAG[spec.job], spec.env_for(ds)]
                     if spec.rl_dataset(ds) is not None:
-                        args += ["--dataset", str(spec.rl_dataset(ds))]
+                        args += ["--data.path", str(spec.rl_dataset(ds))]
                     if spec.il_demos(ds) is not None:
-                        args += ["--hdf5", str(spec.il_demos(ds))]
+                        args += ["--data.path", str(spec.il_demos(ds))]
                     if spec.job != "toy":
-                        args += ["--fraction", f"{frac:g}"]
-                    args += ["--seed", str(seed), "--out", str(out), "--no-progress"]
+                        args += ["--data.fraction", f"{frac:g}"]
+                    args += ["--train.seed", str(seed), "--out", str(out), "--train.progress", "False"]
                     for k, v in {**spec.overrides, **spec.algo_overrides.get(algo, {})}.items():
-                        if k != "no_progress":
-                            args += _flag_values(k, v)
+                        args += _flag_values(k, v)
                     cells.append(Cell(spec.job, algo, ds, frac, seed, out, args))
     return cells
 
 
 # ------------------------------------------------------------------------------------------------------ execution
+def cell_resources(spec: Spec, algo: str) -> dict[str, float]:
+    """Ray resources of one cell: one CPU, plus one GPU when the cell's ``train.device`` is cuda."""
+    dev = str({**spec.overrides, **spec.algo_overrides.get(algo, {})}.get("train.device", "cpu"))
+    return {"num_cpus": 1, "num_gpus": 1 if dev.startswith("cuda") else 0}
+
+
 def _remote_runner():
-    """A ``@ray.remote(num_cpus=1)`` task running one cell; defined in a closure so that Ray ships it by value
-    (cluster workers need ``cdp`` importable by their ``python`` but not this module's path)."""
+    """A ``@ray.remote`` task running one cell (resources per cell: :func:`cell_resources`); defined in a closure
+    so that Ray ships it by value (cluster workers need ``cdp`` importable by their ``python`` but not this
+    module's path)."""
     import ray
 
     @ray.remote(num_cpus=1)
@@ -465,7 +470,8 @@ def run_grid(spec: Spec, workers: int | None = None, address: str | None = None,
         pending = {}
         for c in todo:
             args = c.argv()[3:]  # drop "python -m cdp.cli"
-            pending[run_cell.remote(args, str(c.out), src, os.getcwd())] = c
+            task = run_cell.options(**cell_resources(spec, c.algo))
+            pending[task.remote(args, str(c.out), src, os.getcwd())] = c
         failed, nodes = [], {}
         t0 = time.time()
         n = len(pending)
@@ -531,7 +537,7 @@ def extract(job: str, algo: str, res: dict) -> dict[str, float]:
                 "act_ms": _num(_get(res, "timing", "act_ms_batch1")),
                 "lambda_mean": _num(diag.get("lambda_hat_mean")), "frac_contractive": _num(diag.get("frac_contractive"))}
     m = _get(res, "variants", algo) or {}
-    steps = _num(_get(res, "config", "steps"))
+    steps = _num(_get(res, "config", "train", "steps"))
     return {"main": _num(m.get("off_support")), "success": nan,
             "sec_per_1k": 1000 * _num(m.get("train_seconds")) / steps if steps and steps > 0 else nan,
             "act_ms": nan,

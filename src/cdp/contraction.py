@@ -694,7 +694,8 @@ class ContractionRegularizer:
         """The lazy-regularisation coin (``apply_prob``): True when this step computes the term. Draws from
         ``generator`` only when apply_prob < 1."""
         p = self.config.apply_prob
-        return p >= 1.0 or float(torch.rand((), generator=generator)) < p
+        return p >= 1.0 or float(torch.rand((), generator=generator,
+                                            device=generator.device if generator is not None else None)) < p
 
     def sample_points(self, clean_action: torch.Tensor, cond: torch.Tensor | None = None,
                       generator: torch.Generator | None = None):
@@ -708,11 +709,12 @@ class ContractionRegularizer:
         B = clean_action.shape[0]
         b = B if self.config.max_samples is None else min(B, self.config.max_samples)
         dev = clean_action.device
-        idx = torch.randperm(B, generator=generator)[:b].to(dev) if b < B else torch.arange(B, device=dev)
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        idx = torch.randperm(B, generator=generator, device=gdev)[:b].to(dev) if b < B else torch.arange(B, device=dev)
         a0 = clean_action[idx]
         c = None if cond is None else cond[idx]
-        k = self.steps[torch.randint(0, len(self.steps), (b,), generator=generator)]
-        noise = torch.randn(a0.shape, generator=generator, dtype=a0.dtype).to(dev)
+        k = self.steps[torch.randint(0, len(self.steps), (b,), generator=generator, device=gdev).cpu()]
+        noise = torch.randn(a0.shape, generator=generator, dtype=a0.dtype, device=gdev).to(dev)
         a_t = self.schedule.add_noise(a0, noise, k.to(dev))
         t = (k.to(a0.dtype) / self.schedule.num_steps).to(dev)
         return a_t, t, c

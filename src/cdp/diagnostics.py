@@ -24,8 +24,14 @@ from .contraction import sign_and_ratio, symmetric_jacobian_eigvals
 from .samplers import make_sampler
 
 
+def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Standard normal draws from ``generator`` (on its device), moved to ``device``."""
+    gdev = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gdev).to(device)
+
+
 def _cond_repeat(policy, obs: torch.Tensor, n: int) -> torch.Tensor:
-    cond = policy._cond(obs)
+    cond = policy.condition(obs)
     if cond.shape[0] == 1 and n > 1:
         cond = cond.expand(n, -1).contiguous()
     return cond
@@ -55,7 +61,7 @@ def lambda_along_trajectory(policy, obs: torch.Tensor, n_samples: int = 64,
         ``lambda_F`` (S, n) λ_max(J_F^sym) in 1/time, ``dtau`` (S,) step lengths in sampling time.
     """
     cond = _cond_repeat(policy, obs, n_samples)
-    a0 = torch.randn((cond.shape[0],) + policy.action_shape, generator=generator)
+    a0 = _randn((cond.shape[0],) + policy.action_shape, generator, cond.device)
     return lambda_on_trajectory(policy, cond, a0, include_final=True)
 
 
@@ -103,8 +109,8 @@ def divergence_ratio(policy, obs: torch.Tensor, n_pairs: int = 64, eps: float = 
     """
     cond = _cond_repeat(policy, obs, n_pairs)
     n = cond.shape[0]
-    a0 = torch.randn((n,) + policy.action_shape, generator=generator)
-    d = torch.randn(a0.shape, generator=generator)
+    a0 = _randn((n,) + policy.action_shape, generator, cond.device)
+    d = _randn(a0.shape, generator, cond.device)
     d = eps * d / d.flatten(1).norm(dim=1).view((-1,) + (1,) * (d.dim() - 1))
     fa, ta, _ = _ddim_traj(policy, cond, a0)
     fb, tb, _ = _ddim_traj(policy, cond, a0 + d)

@@ -228,7 +228,7 @@ class DiffusionPolicy(nn.Module):
         self.obs_normalizer.fit(obs)
         self.action_normalizer.fit(actions)
 
-    def _cond(self, obs: torch.Tensor) -> torch.Tensor:
+    def condition(self, obs: torch.Tensor) -> torch.Tensor:
         c = self.config
         if obs.dim() == 2:
             obs = obs.unsqueeze(1)
@@ -243,10 +243,51 @@ class DiffusionPolicy(nn.Module):
         return self.net(x, t, cond)
 
     # ------------------------------------------------------------------------------------------------ training
+    def loss_terms(self, obs: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
+                   noise: torch.Tensor | None = None, k: torch.Tensor | None = None) -> dict[str, Any]:
+        """The pieces of the training loss on a batch — the public API the RL actors build on.
+
+        Draws k ~ U{1..T} and ε ~ N(0, I) from ``generator`` (in that order, on the generator's device), forms
+        a_k = α_k a_0 + σ_k ε from the normalised actions and runs :meth:`denoise_and_regularize` once.
+
+        Args:
+            obs: (B, Do) or (B, To, Do). actions: (B, *action_shape), unnormalised.
+            generator: RNG for steps / noise; ``noise`` (B, *action_shape) and ``k`` (B,) may be injected.
+        Returns:
+            dict with ``cond`` (B, To·Do), ``a0`` / ``a_t`` / ``noise`` / ``output`` (B, *action_shape, normalised),
+            ``k`` (B,) long, ``t`` (B,) = k/T, ``alpha`` / ``sigma`` (B, 1, ...) broadcastable to the actions,
+            ``loss_d`` (scalar L_d), ``loss_c`` (scalar γ·L_c or None) and ``metrics_c`` (the regulariser's metrics).
+        Raises:
+            ValueError: actions of the wrong shape or with NaN / inf; observations likewise (:meth:`_cond`).
+        """
+        B = obs.shape[0]
+        if tuple(actions.shape) != (B,) + self.action_shape:
+            raise ValueError(f"actions must have shape (B, {', '.join(map(str, self.action_shape))}), got {tuple(actions.shape)}")
+        if not torch.isfinite(actions).all():
+            raise ValueError("actions contain NaN or inf")
+        cond = self.condition(obs)
+        a0 = self.action_normalizer.normalize(actions)
+        T = self.schedule.num_steps
+        dev = generator.device if generator is not None else a0.device
+        if k is None:
+            k = torch.randint(1, T + 1, (B,), generator=generator, device=dev).to(a0.device)
+        if noise is None:
+            noise = torch.randn(a0.shape, generator=generator, dtype=a0.dtype, device=dev).to(a0.device)
+        al, si = self.schedule.discrete_alpha_sigma(k, a0.dtype)
+        shape = (-1,) + (1,) * (a0.dim() - 1)
+        al, si = al.to(a0.device).view(shape), si.to(a0.device).view(shape)
+        a_t = al * a0 + si * noise
+        t = k.to(a0.dtype) / T
+        out, loss_c, mc = self.denoise_and_regularize(a0, a_t, t, cond, generator)
+        target = noise if self.config.prediction == "epsilon" else a0
+        loss_d = ((out - target) ** 2).mean()
+        return {"cond": cond, "a0": a0, "k": k, "t": t, "a_t": a_t, "noise": noise, "alpha": al, "sigma": si,
+                "output": out, "loss_d": loss_d, "loss_c": loss_c, "metrics_c": mc}
+
     def compute_loss(self, obs: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
                      noise: torch.Tensor | None = None, k: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, dict[str, float]]:
-        """L_d (+ γ L_c) on a batch.
+        """L_d (+ γ L_c) on a batch (:meth:`loss_terms`).
 
         Args:
             obs: (B, Do) or (B, To, Do). actions: (B, *action_shape), unnormalised.
@@ -254,26 +295,11 @@ class DiffusionPolicy(nn.Module):
         Returns:
             (scalar loss, metrics with ``loss_d`` and, with a regulariser, its metrics prefixed ``contraction/``).
         """
-        B = obs.shape[0]
-        if tuple(actions.shape) != (B,) + self.action_shape:
-            raise ValueError(f"actions must have shape (B, {', '.join(map(str, self.action_shape))}), got {tuple(actions.shape)}")
-        if not torch.isfinite(actions).all():
-            raise ValueError("actions contain NaN or inf")
-        cond = self._cond(obs)
-        a0 = self.action_normalizer.normalize(actions)
-        T = self.schedule.num_steps
-        if k is None:
-            k = torch.randint(1, T + 1, (B,), generator=generator).to(a0.device)
-        if noise is None:
-            noise = torch.randn(a0.shape, generator=generator, dtype=a0.dtype).to(a0.device)
-        a_t = self.schedule.add_noise(a0, noise, k)
-        t = k.to(a0.dtype) / T
-        out, loss_c, mc = self.denoise_and_regularize(a0, a_t, t, cond, generator)
-        target = noise if self.config.prediction == "epsilon" else a0
-        loss_d = ((out - target) ** 2).mean()
+        d = self.loss_terms(obs, actions, generator, noise, k)
+        loss_d, loss_c = d["loss_d"], d["loss_c"]
         metrics = {"loss_d": float(loss_d.detach())}
         loss = loss_d if loss_c is None else loss_d + loss_c
-        metrics.update({f"contraction/{key}": v for key, v in mc.items()})
+        metrics.update({f"contraction/{key}": v for key, v in d["metrics_c"].items()})
         metrics["loss"] = float(loss.detach())
         return loss, metrics
 
@@ -301,6 +327,13 @@ class DiffusionPolicy(nn.Module):
                          else getattr(self.net, "train_forward", self.net))
         if reg is None or reg.config.weight <= 0:
             return train_forward(a_t, t, cond), None, {}
+        if a0.device.type == "cuda" and torch.is_autocast_enabled():  # bf16 training: the Jacobian stays fp32
+            with torch.autocast(device_type="cuda", enabled=False):
+                return self._denoise_and_regularize(reg, compiled, train_forward, a0.float(), a_t.float(), t.float(),
+                                                    None if cond is None else cond.float(), generator)
+        return self._denoise_and_regularize(reg, compiled, train_forward, a0, a_t, t, cond, generator)
+
+    def _denoise_and_regularize(self, reg, compiled, train_forward, a0, a_t, t, cond, generator):
         shared = (reg.config.share_forward and callable(getattr(self.net, "forward_and_jacobian", None))
                   and reg.uses_exact(a0[0].numel(), self.net))
         if not shared:
@@ -353,7 +386,7 @@ class DiffusionPolicy(nn.Module):
         return cache[key]
 
     # ------------------------------------------------------------------------------------------------ sampling
-    def _sampler(self, name: str, num_inference_steps: int | None):
+    def get_sampler(self, name: str, num_inference_steps: int | None):
         """The sampler for (name, steps), built once and cached (its per-step constants are precomputed)."""
         cache = self.__dict__.setdefault("_sampler_cache", {})
         key = (name, num_inference_steps)
@@ -376,12 +409,13 @@ class DiffusionPolicy(nn.Module):
             (B, *action_shape) unnormalised actions (and the trajectory if asked).
         """
         c = self.config
-        cond = self._cond(obs)
+        cond = self.condition(obs)
         B = cond.shape[0]
-        s = self._sampler(sampler or c.sampler,
+        s = self.get_sampler(sampler or c.sampler,
                           num_inference_steps if num_inference_steps is not None else c.num_inference_steps)
         if noise is None:
-            noise = torch.randn((B,) + self.action_shape, generator=generator, dtype=cond.dtype).to(cond.device)
+            noise = torch.randn((B,) + self.action_shape, generator=generator, dtype=cond.dtype,
+                                device=generator.device if generator is not None else cond.device).to(cond.device)
         elif tuple(noise.shape) != (B,) + self.action_shape:
             raise ValueError(f"noise must have shape {(B,) + self.action_shape}, got {tuple(noise.shape)}")
         den = self._cached_time_denoiser(s, cond.dtype)

@@ -13,8 +13,8 @@ diffusion ones.
 ``cdp_idql``   IDQL + contraction on the behaviour policy                   :class:`IDQLConfig`
 =============  ==========================================================  =====================
 
-``make_agent(algo, obs_dim, action_dim, config=None, seed=0)`` builds one; see :mod:`cdp.rl.trainer` for the loop
-and ``cdp rl`` (:mod:`cdp.cli_rl`) for the end-to-end job.
+``make_agent(algo, obs_dim, action_dim, config=None, seed=0)`` builds one; see :func:`cdp.training.trainer.fit` for the
+loop and ``cdp rl`` (:mod:`cdp.experiments.rl`) for the end-to-end job.
 """
 
 from __future__ import annotations
@@ -36,6 +36,13 @@ _REGISTRY: dict[str, tuple[type, type, str | None]] = {
     "dql": (DQL, DQLConfig, None), "cdp_dql": (DQL, DQLConfig, "dql"),
     "idql": (IDQL, IDQLConfig, None), "cdp_idql": (IDQL, IDQLConfig, "idql"),
 }
+
+
+def algo_config_class(algo: str) -> type:
+    """The config dataclass of ``algo``. Raises ValueError for an unknown algorithm."""
+    if algo not in _REGISTRY:
+        raise ValueError(f"unknown algorithm {algo!r}; expected one of {ALGOS}")
+    return _REGISTRY[algo][1]
 
 
 def make_config(algo: str, overrides: dict[str, Any] | None = None):
@@ -73,4 +80,4 @@ def make_agent(algo: str, obs_dim: int, action_dim: int, config: Any = None, see
 
 
 __all__ = ["ALGOS", "BC", "BCConfig", "EDP", "EDPConfig", "DQL", "DQLConfig", "DQL_HPARAMS", "dql_overrides",
-           "IDQL", "IDQLConfig", "CDP_CONTRACTION", "make_config", "make_agent"]
+           "IDQL", "IDQLConfig", "CDP_CONTRACTION", "algo_config_class", "make_config", "make_agent"]

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..normalization import Normalizer
 from ..policies.baselines import GaussianMLPPolicy, GaussianPolicyConfig
-from .common import check_batch
+from .common import agent_meta, check_batch
 
 
 @dataclass
@@ -101,6 +101,9 @@ class BC:
 
     def extra_state(self) -> dict:
         return {"generator": self.generator.get_state()}
+
+    def checkpoint_meta(self) -> dict:
+        return agent_meta(self)
 
     def load_extra_state(self, state: dict) -> None:
         self.generator.set_state(state["generator"])

@@ -1,6 +1,6 @@
 """Pieces shared by the offline-RL algorithms: batch validation, twin Q critics, Polyak averaging.
 
-Every algorithm in :mod:`cdp.rl` follows one small protocol (used by :mod:`cdp.rl.trainer`):
+Every algorithm in :mod:`cdp.rl` follows the agent protocol of :func:`cdp.training.trainer.fit`:
 
 * ``agent.fit_normalizers(observations, actions)`` on the whole dataset (tensors) before training;
 * ``agent.update(batch) -> dict[str, float]`` one gradient step on a batch, a dict of tensors
@@ -8,6 +8,7 @@ Every algorithm in :mod:`cdp.rl` follows one small protocol (used by :mod:`cdp.r
 * ``agent.act(obs (B, Do)) -> (B, Da)`` the evaluation action (no gradients);
 * ``agent.modules()`` / ``agent.optimizers()`` name → ``nn.Module`` / optimiser, and
   ``agent.extra_state()`` / ``agent.load_extra_state(state)`` (RNG, EMA counters) for checkpoints;
+* ``agent.checkpoint_meta()``: class, algorithm, dimensions and config for the checkpoint's ``policy.json``;
 * ``agent.generator``: the ``torch.Generator`` behind all of the update's randomness (so resuming is exact).
 """
 
@@ -69,6 +70,12 @@ class TwinQ(nn.Module):
         return torch.minimum(q1, q2)
 
 
+def agent_meta(agent) -> dict:
+    """``policy.json`` metadata of an RL agent: what :func:`cdp.experiments.rl.load_agent` rebuilds it from."""
+    return {"class": type(agent).__name__, "algo": getattr(agent, "name_full", agent.name), "obs_dim": agent.obs_dim,
+            "action_dim": agent.action_dim, "config": agent.config.to_dict()}
+
+
 @torch.no_grad()
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """Polyak averaging θ' ← (1 − τ) θ' + τ θ."""
@@ -99,6 +106,9 @@ class DiffusionActorBase:
 
     def extra_state(self) -> dict:
         return {"generator": self.generator.get_state(), "ema_updates": self.ema.num_updates}
+
+    def checkpoint_meta(self) -> dict:
+        return agent_meta(self)
 
     def load_extra_state(self, state: dict) -> None:
         self.generator.set_state(state["generator"])

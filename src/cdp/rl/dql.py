@@ -166,7 +166,7 @@ class DQL(EDP):
         """The full T-step DDPM reverse chain of the *online* actor, differentiable w.r.t. its parameters.
 
         Args:
-            cond: (B, Do) normalised observations (``policy._cond(obs)``).
+            cond: (B, Do) normalised observations (``policy.condition(obs)``).
             noise: (B, Da) a_T (default: drawn from :attr:`generator`).
             noises: T tensors (B, Da), the per-step z_k (the last is unused: the final step returns x̂0); default:
                 drawn from :attr:`generator` inside the sampler.
@@ -175,8 +175,9 @@ class DQL(EDP):
         """
         p = self.policy
         if noise is None:
-            noise = torch.randn((cond.shape[0], self.action_dim), generator=self.generator, dtype=cond.dtype)
-        a = run_sampler(p.net, p._sampler("ddpm", None), noise, cond, generator=self.generator, noises=noises)
+            noise = torch.randn((cond.shape[0], self.action_dim), generator=self.generator, dtype=cond.dtype,
+                                device=self.generator.device).to(cond.device)
+        a = run_sampler(p.net, p.get_sampler("ddpm", None), noise, cond, generator=self.generator, noises=noises)
         return a.clamp(-1.0, 1.0)
 
     # -------------------------------------------------------------------------------------------- losses
@@ -203,7 +204,7 @@ class DQL(EDP):
         """
         a = self.sample_chain(cond)
         q1, q2 = self.critic(cond, self.policy.action_normalizer.unnormalize(a))
-        if self.config.q_alternate and float(torch.rand((), generator=self.generator)) < 0.5:
+        if self.config.q_alternate and float(torch.rand((), generator=self.generator, device=self.generator.device)) < 0.5:
             q1, q2 = q2, q1
         return -q1.mean() / q2.abs().mean().detach()
 

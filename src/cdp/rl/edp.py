@@ -178,21 +178,9 @@ class EDP(DiffusionActorBase):
         sharing that forward pass). Returns a dict with ``cond`` (B, Do), ``a_k``, ``eps``, ``eps_hat`` (B, Da),
         ``alpha``, ``sigma`` (B, 1), ``loss_d`` (scalar L_d), ``loss_c`` (scalar γ L_c or None), ``metrics_c``.
         """
-        p = self.policy
-        obs, actions = batch["observations"], batch["actions"]
-        B = obs.shape[0]
-        cond = p._cond(obs)
-        a0 = p.action_normalizer.normalize(actions)
-        k = torch.randint(1, p.schedule.num_steps + 1, (B,), generator=self.generator)
-        eps = torch.randn(a0.shape, generator=self.generator, dtype=a0.dtype)
-        al, si = p.schedule.discrete_alpha_sigma(k, a0.dtype)
-        al, si = al[:, None], si[:, None]
-        a_k = al * a0 + si * eps
-        eps_hat, loss_c, mc = p.denoise_and_regularize(a0, a_k, k.to(a0.dtype) / p.schedule.num_steps, cond,
-                                                       self.generator)  # + γ L_c (CDP), sharing the forward pass
-        loss_d = ((eps_hat - eps) ** 2).mean()
-        return {"cond": cond, "a_k": a_k, "eps": eps, "eps_hat": eps_hat, "alpha": al, "sigma": si,
-                "loss_d": loss_d, "loss_c": loss_c, "metrics_c": mc}
+        d = self.policy.loss_terms(batch["observations"], batch["actions"], generator=self.generator)
+        return {"cond": d["cond"], "a_k": d["a_t"], "eps": d["noise"], "eps_hat": d["output"], "alpha": d["alpha"],
+                "sigma": d["sigma"], "loss_d": d["loss_d"], "loss_c": d["loss_c"], "metrics_c": d["metrics_c"]}
 
     def _finish_actor_loss(self, d: dict[str, Any], loss_q: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """L_d + η·loss_q (+ γ L_c) and the metrics, from :meth:`diffusion_terms`' output."""

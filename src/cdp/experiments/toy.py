@@ -11,68 +11,37 @@ samples over the ground-truth 3σ circles), ``toy_lambda.png`` (λ_max(Ĵ) per s
 from __future__ import annotations
 
 import math
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .diagnostics import action_variance, divergence_ratio, lambda_along_trajectory
-from .policy import DiffusionPolicy, DiffusionPolicyConfig
-from .runs import RunDir
-from .train import TrainConfig, train_policy
+from ..config import TOY_VARIANTS, ExperimentConfig, to_plain
+from ..devices import make_generator, resolve_device
+from ..diagnostics import action_variance, divergence_ratio, lambda_along_trajectory
+from ..policy import DiffusionPolicy, DiffusionPolicyConfig
+from ..runs import RunDir
+from ..training.agents import DiffusionBC
+from ..training.trainer import fit
 
 MODE_CENTRES = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]])
 
 
-@dataclass
-class ToyConfig:
-    """Settings of ``cdp toy``.
-
-    Attributes:
-        n_data: dataset size. mode_std: std of each mixture component. steps / batch_size / lr: training.
-        snapshots: number of training checkpoints shown in the figure. n_eval: samples per evaluation.
-        hidden / n_layers: MLP size. schedule / num_steps: noise schedule and T. sampler: evaluation sampler.
-        margin / weight / estimator / apply_prob: contraction settings shared by the CDP variants (apply_prob < 1:
-            lazy regularisation, see :class:`cdp.contraction.ContractionConfig`).
-        variants: which variants to train: subset of ``standard``, ``cdp_all`` (every step), ``cdp_low10`` (t ≤ 0.1).
-        seed: shared seed (same init, same batches).
-    """
-
-    n_data: int = 4096
-    mode_std: float = 0.1
-    steps: int = 4000
-    batch_size: int = 256
-    lr: float = 1e-3
-    snapshots: int = 4
-    n_eval: int = 2000
-    hidden: int = 128
-    n_layers: int = 3
-    schedule: str = "vp"
-    num_steps: int = 20
-    sampler: str = "ddpm"
-    margin: float = 0.1
-    weight: float = 0.1
-    estimator: str = "exact"
-    apply_prob: float = 1.0
-    variants: list[str] = field(default_factory=lambda: ["standard", "cdp_all", "cdp_low10"])
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        bad = set(self.variants) - set(VARIANTS)
-        if bad or not self.variants:
-            raise ValueError(f"unknown toy variants {sorted(bad)}; choose from {list(VARIANTS)}")
-        if self.steps < self.snapshots or self.snapshots < 1:
-            raise ValueError("need 1 <= snapshots <= steps")
-        if self.mode_std <= 0 or self.n_data < 4 or self.n_eval < 10:
-            raise ValueError("mode_std > 0, n_data >= 4 and n_eval >= 10 are required")
+VARIANTS = TOY_VARIANTS
 
 
-VARIANTS = {
-    "standard": None,
-    "cdp_all": (0.0, 1.0),
-    "cdp_low10": (0.0, 0.1),
-}
+def validate(cfg: ExperimentConfig) -> None:
+    """Raises ValueError naming the key for a toy setting out of range."""
+    bad = set(cfg.algo.variants) - set(VARIANTS)
+    if bad or not cfg.algo.variants:
+        raise ValueError(f"unknown algo.variants {sorted(bad)}; choose from {list(VARIANTS)}")
+    if cfg.train.steps < cfg.eval.snapshots or cfg.eval.snapshots < 1:
+        raise ValueError("need 1 <= eval.snapshots <= train.steps")
+    if cfg.data.mode_std <= 0 or cfg.data.n_data < 4 or cfg.eval.n_samples < 10:
+        raise ValueError("data.mode_std > 0, data.n_data >= 4 and eval.n_samples >= 10 are required")
+
+
 LABELS = {"standard": "standard diffusion", "cdp_all": "CDP (all steps)", "cdp_low10": "CDP (t ≤ 0.1)"}
 
 
@@ -99,58 +68,77 @@ def toy_metrics(samples: torch.Tensor, mode_std: float) -> dict[str, float]:
     return out
 
 
-def _policy_config(cfg: ToyConfig, t_range) -> DiffusionPolicyConfig:
+def _policy_config(cfg: ExperimentConfig, t_range) -> DiffusionPolicyConfig:
+    p = cfg.policy
     contraction = None
     if t_range is not None:
-        contraction = {"loss": "hinge", "weight": cfg.weight, "margin": cfg.margin, "estimator": cfg.estimator,
-                       "t_range": list(t_range), "apply_prob": cfg.apply_prob}
+        contraction = {k: v for k, v in to_plain(p.contraction).items() if k != "prediction"}
+        contraction["t_range"] = list(t_range)
     return DiffusionPolicyConfig(
-        obs_dim=1, action_dim=2, network="mlp", network_kwargs={"hidden": cfg.hidden, "n_layers": cfg.n_layers},
-        schedule={"name": cfg.schedule, "num_steps": cfg.num_steps}, sampler=cfg.sampler, clip_sample=1.0,
-        obs_normalizer="identity", action_normalizer="minmax", ema_decay=0.995, contraction=contraction)
+        obs_dim=1, action_dim=2, network="mlp",
+        network_kwargs={"hidden": p.network.hidden, "n_layers": p.network.layers},
+        schedule={"name": p.schedule.name, "num_steps": p.schedule.num_steps}, sampler=p.sampler,
+        num_inference_steps=p.num_inference_steps, clip_sample=1.0, obs_normalizer="identity",
+        action_normalizer="minmax", ema_decay=p.ema_decay, contraction=contraction, compile=cfg.train.compile)
 
 
-def run_toy(cfg: ToyConfig, out_dir: str | Path, progress: bool = True) -> dict:
-    """Train every variant, evaluate, write the figure and tables; returns the results dict."""
-    torch.manual_seed(cfg.seed)
-    out_dir = Path(out_dir)
-    run = RunDir(out_dir, config={"job": "toy", **asdict(cfg)})
-    gen = torch.Generator().manual_seed(cfg.seed)
-    data, _ = make_toy_data(cfg.n_data, cfg.mode_std, gen)
-    obs = torch.zeros(cfg.n_data, 1)
-    fixed_obs = torch.zeros(1, 1)
-    snap_steps = sorted({max(1, round(cfg.steps * (i + 1) / cfg.snapshots)) for i in range(cfg.snapshots)})
+def run_toy(cfg: ExperimentConfig, log=print) -> dict:
+    """Train every variant of ``algo.variants``, evaluate, write the figure and tables into ``cfg.out``.
+
+    Returns the results dict (also ``toy_results.json``). Raises ValueError for settings out of range.
+    """
+    validate(cfg)
+    seed, n_data, mode_std = cfg.train.seed, cfg.data.n_data, cfg.data.mode_std
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(seed)
+    out_dir = Path(cfg.out)
+    if (out_dir / "toy_results.json").exists():
+        raise ValueError(f"{out_dir} holds a finished cdp toy run; choose a new --out")
+    for name in cfg.algo.variants:  # an interrupted toy run restarts its variants (minutes of work)
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    run = RunDir(out_dir, config=cfg.to_dict(), tensorboard=cfg.log.tensorboard)
+    gen = torch.Generator().manual_seed(seed)
+    data, _ = make_toy_data(n_data, mode_std, gen)
+    obs = torch.zeros(n_data, 1)
+    fixed_obs = torch.zeros(1, 1, device=device)
+    steps, snapshots, n_eval = cfg.train.steps, cfg.eval.snapshots, cfg.eval.n_samples
+    snap_steps = sorted({max(1, round(steps * (i + 1) / snapshots)) for i in range(snapshots)})
     log_every = math.gcd(*snap_steps) if len(snap_steps) > 1 else snap_steps[0]
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     init = DiffusionPolicy(_policy_config(cfg, None)).net.state_dict()  # one shared initialisation
-    results: dict = {"config": asdict(cfg), "snap_steps": snap_steps, "variants": {}}
-    snapshots: dict[str, dict[int, torch.Tensor]] = {}
+    results: dict = {"config": cfg.to_dict(), "snap_steps": snap_steps, "variants": {}}
+    snapshots_: dict[str, dict[int, torch.Tensor]] = {}
     lambdas: dict[str, dict] = {}
-    for name in cfg.variants:
+    for name in cfg.algo.variants:
         pol = DiffusionPolicy(_policy_config(cfg, VARIANTS[name]))
         pol.net.load_state_dict(init)
         pol.fit_normalizers(obs, data)
-        snapshots[name] = {}
+        pol.to(device)
+        snapshots_[name] = {}
 
-        def cb(step, policy, ema, name=name):
+        def cb(step, agent, name=name):
             if step in snap_steps:
-                g = torch.Generator().manual_seed(cfg.seed + 1)
-                snapshots[name][step] = ema.model.sample(fixed_obs.expand(cfg.n_eval, 1), generator=g)
+                g = make_generator(seed + 1, device)
+                snapshots_[name][step] = agent.ema.model.sample(fixed_obs.expand(n_eval, 1), generator=g).cpu()
 
-        sub = RunDir(out_dir / name, config={"variant": name, "policy": pol.config.to_dict()}, tensorboard=True)
+        sub = RunDir(out_dir / name, config={"variant": name, "policy": pol.config.to_dict()},
+                     tensorboard=cfg.log.tensorboard)
+        g_train = make_generator(seed, device)
+        agent = DiffusionBC(pol, steps=steps, lr=cfg.train.lr, grad_clip=cfg.train.grad_clip, generator=g_train)
         t0 = time.time()
-        _, ema = train_policy(pol, obs, data, TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                                           log_every=log_every, seed=cfg.seed, progress=progress),
-                              run=sub, resume=False, callback=cb, desc=name)
+        fit(agent, {"observations": obs, "actions": data}, steps=steps, batch_size=cfg.train.batch_size, seed=seed,
+            device=device, precision=cfg.train.precision, log_every=log_every, generator=g_train, callback=cb,
+            run=sub, progress=cfg.train.progress, desc=name)
         train_s = time.time() - t0
         sub.close()
-        ev = ema.model
-        final = snapshots[name][snap_steps[-1]]
-        m = toy_metrics(final, cfg.mode_std)
-        g = torch.Generator().manual_seed(cfg.seed + 2)
-        div = divergence_ratio(ev, fixed_obs, n_pairs=256, generator=g)
-        lam = lambda_along_trajectory(ev, fixed_obs, n_samples=256, generator=torch.Generator().manual_seed(cfg.seed + 3))
+        ev = agent.eval_policy
+        final = snapshots_[name][snap_steps[-1]]
+        m = toy_metrics(final, mode_std)
+        div = divergence_ratio(ev, fixed_obs, n_pairs=256, generator=torch.Generator().manual_seed(seed + 2))
+        lam = lambda_along_trajectory(ev, fixed_obs, n_samples=256, generator=torch.Generator().manual_seed(seed + 3))
+        lam = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in lam.items()}
+        div = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in div.items()}
         lambdas[name] = lam
         lh = lam["lambda_hat"]
         high = lam["t"] > 0.5
@@ -164,17 +152,20 @@ def run_toy(cfg: ToyConfig, out_dir: str | Path, progress: bool = True) -> dict:
             "lambda_hat_mean_high_noise": float(lh[high].mean()) if high.any() else float("nan"),
             "lambda_hat_mean_low_noise": float(lh[~high].mean()) if (~high).any() else float("nan"),
             "frac_contractive": float((lh < 0).double().mean()),
-            "action_var_seeds": action_variance(ev, fixed_obs, n_samples=512, generator=torch.Generator().manual_seed(cfg.seed + 4)),
+            "action_var_seeds": action_variance(ev, fixed_obs, n_samples=512,
+                                                generator=torch.Generator().manual_seed(seed + 4)),
             "train_seconds": train_s,
         })
         results["variants"][name] = m
-        run.log(cfg.steps, m, prefix=f"{name}/")
+        run.log(steps, m, prefix=f"{name}/")
 
     results["lambda_per_step"] = {n: {"t": l["t"].tolist(), "mean": l["lambda_hat"].mean(1).tolist()} for n, l in lambdas.items()}
     run.write_json("toy_results.json", results)
     (out_dir / "toy_table.md").write_text(toy_table_markdown(results))
-    plot_toy(snapshots, data, cfg, snap_steps, lambdas, out_dir)
+    plot_toy(snapshots_, data, mode_std, snap_steps, lambdas, out_dir)
     run.close()
+    log(toy_table_markdown(results))
+    log(f"wrote {out_dir}/toy_samples.png, toy_lambda.png, toy_table.md, toy_results.json")
     return results
 
 
@@ -194,7 +185,7 @@ def toy_table_markdown(results: dict) -> str:
     return "\n".join(lines + shares) + "\n"
 
 
-def plot_toy(snapshots, data, cfg: ToyConfig, snap_steps, lambdas, out_dir: Path) -> None:
+def plot_toy(snapshots, data, mode_std: float, snap_steps, lambdas, out_dir: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -208,13 +199,13 @@ def plot_toy(snapshots, data, cfg: ToyConfig, snap_steps, lambdas, out_dir: Path
             s = snapshots[name][st]
             ax.scatter(s[:, 0], s[:, 1], s=2, alpha=0.4, color="tab:blue" if name == "standard" else "tab:red")
             for c in MODE_CENTRES:
-                ax.plot(c[0] + 3 * cfg.mode_std * torch.cos(theta), c[1] + 3 * cfg.mode_std * torch.sin(theta), "k-", lw=0.8)
+                ax.plot(c[0] + 3 * mode_std * torch.cos(theta), c[1] + 3 * mode_std * torch.sin(theta), "k-", lw=0.8)
             ax.set_xlim(-1.8, 1.8)
             ax.set_ylim(-1.8, 1.8)
             ax.set_aspect("equal")
             ax.set_xticks([])
             ax.set_yticks([])
-            off = toy_metrics(s, cfg.mode_std)["off_support"]
+            off = toy_metrics(s, mode_std)["off_support"]
             ax.set_title(f"step {st}  off-support {off:.3f}", fontsize=8)
             if j == 0:
                 ax.set_ylabel(LABELS.get(name, name))

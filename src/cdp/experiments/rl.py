@@ -1,0 +1,259 @@
+"""``cdp rl``: offline RL on a D4RL-layout dataset — BC, EDP, Diffusion-QL, IDQL, or CDP (contraction) on EDP /
+Diffusion-QL / IDQL — trained by :func:`cdp.training.trainer.fit` and evaluated in MuJoCo (D4RL normalized score).
+
+One run: the dataset (a D4RL-layout hdf5 at ``data.path``, or a PointMaze dataset generated with D4RL's maze2d
+recipe and cached in the run folder), checked against the evaluation env before training; ``data.fraction`` of its
+trajectories (drawn with ``train.seed``); the agent built from the tree (:func:`agent_config`); the loop with
+periodic evaluation; a final evaluation, contraction diagnostics of diffusion actors (λ_max of the normalised
+sampling-drift Jacobian along DDIM trajectories from dataset states; < 0 = contracting) and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ExperimentConfig, RL_FIELD_KEYS, flatten, to_plain
+from ..devices import make_generator, resolve_device
+from ..rl import algo_config_class, make_agent
+from ..runs import RunDir, load_checkpoint, median_call_ms
+from ..training.trainer import check_resume, data_fingerprint, fit
+
+DEFAULT_ENV = "PointMaze_UMaze-v3"
+#: settings that may change when a run is resumed (everything else must match the checkpoint)
+RESUMABLE = ("out", "train.steps", "train.log_every", "train.ckpt_every", "train.progress", "train.device",
+             "train.threads", "train.compile", "eval.", "log.")
+
+
+def agent_config(cfg: ExperimentConfig):
+    """The algorithm's config dataclass (:mod:`cdp.rl`) with the values of the tree (:data:`RL_FIELD_KEYS`)."""
+    algo = cfg.algo.name
+    cls = algo_config_class(algo)
+    flat = flatten(cfg.to_dict())
+    kw: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "hidden_dims":
+            kw["hidden_dims"] = [cfg.policy.network.hidden] * cfg.policy.network.layers
+        elif f.name == "contraction":
+            kw["contraction"] = ({k: v for k, v in to_plain(cfg.policy.contraction).items() if k != "prediction"}
+                                 if algo.startswith("cdp") else None)
+        elif f.name in RL_FIELD_KEYS:
+            kw[f.name] = flat[RL_FIELD_KEYS[f.name]]
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        named = [f"{f} is --{k}" for f, k in RL_FIELD_KEYS.items() if f in str(e)]
+        raise ValueError(f"algo.name {algo}: {e}" + (f" ({'; '.join(named)})" if named else "")) from None
+
+
+def dataset_tensors(ds) -> dict[str, torch.Tensor]:
+    """An :class:`~cdp.data.rl.OfflineDataset` as float32 tensors (CPU)."""
+    return {"observations": torch.as_tensor(ds.observations, dtype=torch.float32),
+            "actions": torch.as_tensor(ds.actions, dtype=torch.float32),
+            "rewards": torch.as_tensor(ds.rewards, dtype=torch.float32),
+            "next_observations": torch.as_tensor(ds.next_observations, dtype=torch.float32),
+            "terminals": torch.as_tensor(np.asarray(ds.terminals), dtype=torch.float32)}
+
+
+def load_dataset(cfg: ExperimentConfig, out: Path, progress: bool = True):
+    """The run's :class:`~cdp.data.rl.OfflineDataset` (fraction applied), checked against its evaluation env.
+
+    Raises:
+        FileNotFoundError: ``data.path`` missing. ValueError: no env, no reference scores, observation / action
+            dimensions that do not match the env, ``data.fraction`` outside (0, 1].
+    """
+    from ..data.maze import generate_maze_dataset
+    from ..data.rl import check_matches_env, load_d4rl_hdf5, subsample_trajectories
+
+    d = cfg.data
+    if not (0.0 < d.fraction <= 1.0):
+        raise ValueError(f"data.fraction must be in (0, 1], got {d.fraction}")
+    if d.path:
+        if not Path(d.path).is_file():
+            raise FileNotFoundError(f"dataset not found: {d.path} (make one with `cdp data mujoco` or `cdp data maze`)")
+        ds = load_d4rl_hdf5(d.path, env_id=d.env)
+        if ds.env_id is None:
+            raise ValueError(f"{d.path} names no env (no env_id attribute); pass --data.env, e.g. --data.env Hopper-v5")
+    else:
+        env = d.env or DEFAULT_ENV
+        path = out / f"dataset_{env}_n{d.size}_noise{d.action_noise:g}_seed{d.seed}.hdf5"
+        if path.exists():
+            ds = load_d4rl_hdf5(path)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            ds = generate_maze_dataset(env, n_steps=d.size, seed=d.seed, action_noise=d.action_noise, path=path,
+                                       ref_episodes=0, progress=progress)
+        if ds.env_id is None:
+            ds.env_id = env
+    if ds.ref_min_score is None or ds.ref_max_score is None:
+        raise ValueError(f"dataset has no reference scores for the D4RL normalized score (env {ds.env_id}); "
+                         f"--data.env must name the env the data was collected in")
+    check_env(ds, check_matches_env)
+    if d.fraction < 1.0:
+        ds = subsample_trajectories(ds, d.fraction, cfg.train.seed)
+    return ds
+
+
+def check_env(ds, check_matches_env) -> None:
+    """Dimensions and action bounds of ``ds`` against its env (``ds.env_id``), before any training.
+
+    Raises:
+        ValueError: ``dataset (Do, Da) do not match env``, naming both; an env id gymnasium does not know.
+    """
+    from ..data.mujoco import is_locomotion
+
+    try:
+        if is_locomotion(ds.env_id):
+            import gymnasium as gym
+            env = gym.make(ds.env_id)
+        else:
+            from ..data.maze import make_maze_env
+            env = make_maze_env(ds.env_id)
+    except ImportError:
+        return  # no simulator installed: nothing to evaluate in either
+    except Exception as e:  # gymnasium's NameNotFound / KeyError for an unknown id
+        raise ValueError(f"cannot make env {ds.env_id!r} for this dataset ({type(e).__name__}: {e}); "
+                         f"--data.env must name a registered env") from None
+    try:
+        check_matches_env(ds, env)
+    except ValueError as e:
+        raise ValueError(f"dataset does not match env {ds.env_id}: {e}; pass the env it was collected in "
+                         f"(--data.env)") from None
+    finally:
+        env.close()
+
+
+def evaluate_agent(agent, ds, n_episodes: int = 10, seed: int = 1000, device: torch.device | str = "cpu"
+                   ) -> dict[str, Any]:
+    """Roll the agent out in the dataset's env → D4RL normalized score (mean / std over episodes) and returns.
+
+    PointMaze datasets: :func:`cdp.data.maze.evaluate_policy`; Hopper / Walker2d / HalfCheetah:
+    :func:`cdp.data.mujoco.evaluate_locomotion` (vectorised episodes, the dataset's reference scores). Actions are
+    sampled with a generator seeded with ``seed`` on ``device``.
+    """
+    from ..data.maze import evaluate_policy
+    from ..data.mujoco import evaluate_locomotion, is_locomotion
+
+    device = torch.device(device)
+    gen = make_generator(seed, device)
+
+    def policy_fn(obs: np.ndarray) -> np.ndarray:
+        return agent.act(torch.as_tensor(obs, dtype=torch.float32, device=device), generator=gen).cpu().numpy()
+
+    if is_locomotion(ds.env_id):
+        return evaluate_locomotion(policy_fn, ds.env_id, n_episodes=n_episodes, seed=seed,
+                                   ref_min=ds.ref_min_score, ref_max=ds.ref_max_score)
+    return evaluate_policy(policy_fn, ds.env_id or DEFAULT_ENV, n_episodes=n_episodes, seed=seed,
+                           reward_type=ds.meta.get("reward_type"), ref_min=ds.ref_min_score, ref_max=ds.ref_max_score)
+
+
+def load_agent(directory: str | Path, device: torch.device | str = "cpu"):
+    """Rebuild an agent from a ``cdp rl`` checkpoint folder (weights only) → (agent, meta)."""
+    tensors, meta, _ = load_checkpoint(directory, with_state=False)
+    agent = make_agent(meta["algo"], meta["obs_dim"], meta["action_dim"], meta["config"])
+    for name, m in agent.modules().items():
+        p = name + "."
+        m.load_state_dict({k[len(p):]: v for k, v in tensors.items() if k.startswith(p)})
+    place(agent, device, 0)
+    return agent, meta
+
+
+def place(agent, device: torch.device | str, seed: int) -> None:
+    """Move every module of ``agent`` to ``device``; off the CPU its generator is re-made there with ``seed``."""
+    device = torch.device(device)
+    for m in agent.modules().values():
+        m.to(device)
+    if device.type != "cpu":
+        agent.generator = make_generator(seed, device)
+
+
+def contraction_diagnostics(policy, observations: torch.Tensor, n_states: int = 64, seed: int = 0) -> dict[str, float]:
+    """λ_max(Ĵ) along DDIM trajectories from ``n_states`` dataset states (one trajectory each)."""
+    from ..diagnostics import lambda_along_trajectory
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(observations.shape[0], generator=g)[:n_states]
+    dev = next(policy.parameters()).device
+    gd = g if dev.type == "cpu" else make_generator(seed, dev)
+    d = lambda_along_trajectory(policy, observations[idx].to(dev), n_samples=len(idx), generator=gd)
+    lam = d["lambda_hat"]  # (S, n)
+    worst = lam.max(0).values  # per trajectory, the least contractive step
+    return {"lambda_hat_mean": float(lam.mean()), "lambda_hat_max": float(lam.max()),
+            "frac_points_contractive": float((lam < 0).double().mean()),
+            "frac_trajectories_contractive": float((worst < 0).double().mean()),
+            "log_bound_mean": float((d["lambda_F"] * d["dtau"][:, None]).sum(0).mean()),
+            "n_states": int(len(idx)), "n_steps": int(lam.shape[0])}
+
+
+def identity_of(cfg: ExperimentConfig, data: dict[str, torch.Tensor]) -> dict[str, Any]:
+    flat = flatten(cfg.to_dict())
+    keep = {k: v for k, v in flat.items() if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)}
+    return {"config": keep, "data": data_fingerprint(data)}
+
+
+def run_rl(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
+    """Train, evaluate and diagnose one offline-RL run into ``cfg.out``; returns the results dict."""
+    out = Path(cfg.out)
+    device = resolve_device(cfg.train.device)
+    t0 = time.perf_counter()
+    ds = load_dataset(cfg, out, progress=cfg.train.progress)
+    t_data = time.perf_counter() - t0
+    acfg = agent_config(cfg)
+    data = dataset_tensors(ds)
+    identity = identity_of(cfg, data)
+    check_resume(out, identity)  # before anything is written
+    agent = make_agent(cfg.algo.name, ds.obs_dim, ds.act_dim, acfg, seed=cfg.train.seed)
+    place(agent, device, cfg.train.seed)
+    run = RunDir(out, config=cfg.to_dict(), tensorboard=cfg.log.tensorboard)
+    log(f"cdp rl: {cfg.algo.name} on {ds.env_id}: {len(ds)} transitions in {ds.n_trajectories} trajectories "
+        f"(fraction {cfg.data.fraction:g}), {cfg.train.steps} steps on {device}")
+
+    def evaluate(a, step):
+        return evaluate_agent(a, ds, cfg.eval.episodes, cfg.eval.seed_start, device)
+
+    res = fit(agent, data, steps=cfg.train.steps, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+              device=device, precision=cfg.train.precision, log_every=cfg.train.log_every,
+              ckpt_every=cfg.train.ckpt_every, eval_every=cfg.eval.every, evaluate=evaluate, run=run,
+              identity=identity, progress=cfg.train.progress, desc=cfg.algo.name)
+    t2 = time.perf_counter()
+    if res["evals"] and res["evals"][-1]["step"] == res["step"]:
+        ev = res["evals"][-1]
+    else:
+        ev = evaluate(agent, res["step"])
+        ev = {k: v for k, v in ev.items() if k != "returns"}
+        run.log(res["step"], {k: v for k, v in ev.items() if isinstance(v, (int, float))}, prefix="eval/")
+    t_eval = time.perf_counter() - t2 + res["eval_s"]
+    diag = None
+    if cfg.algo.name != "bc":
+        diag = contraction_diagnostics(agent.ema.model, data["observations"], seed=cfg.train.seed)
+        run.log(res["step"], diag, prefix="diagnostics/")
+    obs1 = data["observations"][:1].to(device)
+    g_lat = make_generator(cfg.train.seed, device)
+    timing = {"data_s": round(t_data, 1), "train_s": round(res["train_s"], 1), "eval_s": round(t_eval, 1),
+              "total_s": round(time.perf_counter() - t0, 1),
+              "act_ms_batch1": round(median_call_ms(lambda: agent.act(obs1, generator=g_lat)), 3)}
+    results = {"algo": cfg.algo.name, "env": ds.env_id, "fraction": cfg.data.fraction, "seed": cfg.train.seed,
+               "steps": res["step"], "device": str(device),
+               "normalized_score_mean": ev["normalized_score_mean"], "normalized_score_std": ev["normalized_score_std"],
+               "mean_return": ev["mean_return"], "success_rate": ev.get("success_rate"), "episodes": cfg.eval.episodes,
+               "n_transitions": len(ds), "n_trajectories": ds.n_trajectories,
+               "ref_scores": [ds.ref_min_score, ds.ref_max_score],
+               "evals": res["evals"], "contraction_diagnostics": diag, "timing": timing}
+    run.write_json("results.json", results)
+    run.close()
+    succ = "" if ev.get("success_rate") is None else f", success {ev['success_rate']:.2f}"
+    log(f"normalized score: {ev['normalized_score_mean']:.1f} ± {ev['normalized_score_std']:.1f} "
+        f"(return {ev['mean_return']:.1f}{succ}, {cfg.eval.episodes} episodes)")
+    if diag is not None:
+        log(f"contraction: mean λ̂ {diag['lambda_hat_mean']:+.3f}, max λ̂ {diag['lambda_hat_max']:+.3f}, "
+            f"{100 * diag['frac_points_contractive']:.0f}% of trajectory points and "
+            f"{100 * diag['frac_trajectories_contractive']:.0f}% of trajectories contracting "
+            f"({diag['n_states']} dataset states, {diag['n_steps']} DDIM steps)")
+    log(f"time: data {timing['data_s']} s, train {timing['train_s']} s, eval {timing['eval_s']} s, "
+        f"total {timing['total_s']} s; one batch-1 action {timing['act_ms_batch1']:.2f} ms; wrote {out}/results.json")
+    return results

@@ -1,0 +1,1 @@
+"""The training loop (:mod:`.trainer`) and the behaviour-cloning agent (:mod:`.agents`)."""
