@@ -187,7 +187,7 @@ def load_robosuite_demos(path: str | os.PathLike, task: str = "lift"):
         FileNotFoundError: missing file. ValueError: not a robomimic file / missing keys (from
             :func:`~cdp.data.il.load_robomimic_hdf5`), ``env_args`` naming another environment, actions not 7-D.
     """
-    from .envs.robosuite_tasks import OBS_KEYS
+    from ..envs.robosuite_tasks import OBS_KEYS
 
     ds = load_robomimic_hdf5(path, OBS_KEYS)
     env_name = (ds.meta.get("env_args") or {}).get("env_name")
@@ -255,7 +255,7 @@ def evaluate_policy(policy: DiffusionPolicy, episodes: int, max_steps: int | Non
     max_steps = TASK_SPECS[task][1] if max_steps is None else max_steps
     t0 = time.time()
     if task != "pusht":
-        from .envs.robosuite_tasks import evaluate_robosuite
+        from ..envs.robosuite_tasks import evaluate_robosuite
 
         res = evaluate_robosuite(policy_fn_for(policy, seed, sampler, num_inference_steps), task=task,
                                  n_episodes=episodes, seed_start=seed_start, max_steps=max_steps,
@@ -263,7 +263,7 @@ def evaluate_policy(policy: DiffusionPolicy, episodes: int, max_steps: int | Non
                                  action_offset=action_offset_for(c))
         res["seconds"] = time.time() - t0
         return res
-    from .envs.pusht import evaluate_pusht
+    from ..envs.pusht import evaluate_pusht
 
     res = evaluate_pusht(policy_fn_for(policy, seed, sampler, num_inference_steps), n_episodes=episodes,
                          seed_start=seed_start, max_steps=max_steps, n_obs_steps=c.n_obs_steps,
@@ -279,7 +279,7 @@ def contraction_diagnostics(policy: DiffusionPolicy, obs: torch.Tensor, n_sample
     Returns means over observations: ``lambda_hat_mean`` (< 0: contracting), ``lambda_hat_mean_low_noise``
     (t ≤ 0.1), ``frac_contractive``, ``div_ratio_median``, ``div_bound_median``, plus ``seconds``.
     """
-    from .diagnostics import divergence_ratio, lambda_along_trajectory
+    from ..diagnostics import divergence_ratio, lambda_along_trajectory
 
     t0 = time.time()
     lam_all, low, frac, ratio, bound = [], [], [], [], []
@@ -313,7 +313,7 @@ def summary_line(res: dict) -> str:
 def identity_of(cfg: ExperimentConfig, data: dict[str, torch.Tensor]) -> dict[str, Any]:
     flat = flatten(cfg.to_dict())
     keep = {k: v for k, v in flat.items() if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)}
-    return {"config": keep, "data": data_fingerprint(data)}
+    return {**keep, **{f"data_fingerprint.{k}": v for k, v in data_fingerprint(data).items()}}
 
 
 def run_il(cfg: ExperimentConfig, log=print) -> dict:

@@ -193,7 +193,7 @@ def contraction_diagnostics(policy, observations: torch.Tensor, n_states: int = 
 def identity_of(cfg: ExperimentConfig, data: dict[str, torch.Tensor]) -> dict[str, Any]:
     flat = flatten(cfg.to_dict())
     keep = {k: v for k, v in flat.items() if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)}
-    return {"config": keep, "data": data_fingerprint(data)}
+    return {**keep, **{f"data_fingerprint.{k}": v for k, v in data_fingerprint(data).items()}}
 
 
 def run_rl(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
