@@ -169,7 +169,7 @@ def bench_accuracy(dims, train_steps: int, max_samples) -> list[str]:
             opt.step()
         reg = p.regularizer
         a0 = p.action_normalizer.normalize(act)
-        a_t, t, c = reg.sample_points(a0, p._cond(obs), generator=g)
+        a_t, t, c = reg.sample_points(a0, p.condition(obs), generator=g)
         s, r = sign_and_ratio(reg.schedule, t.double(), reg.config.prediction)
         net64 = p.net.double()
         a_t, t, c, r = a_t.double(), t.double(), c.double(), r.double()
