@@ -9,7 +9,7 @@ Usage::
     PYTHONPATH=src python benchmarks/bench_speed.py --quick --out /tmp/speed.md        # a fast smoke run
 
 Options: ``--dims 2,3,6``, ``--repeats``, ``--max-samples`` (override the config default; ``all`` = no subsample),
-``--compare-full`` (also time every estimator on the whole batch, the pre-speed-up default).
+``--compare-full`` (also time every estimator on the whole batch, ``max_samples=None``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from cdp.policy import DiffusionPolicy, DiffusionPolicyConfig
 OBS_DIM, BATCH = 17, 256
 ESTIMATORS = {  # label -> contraction config fields
     "default": dict(),  # ContractionConfig() as shipped (auto estimator, shared forward pass, every step)
-    "default, exact_grad=full": dict(exact_grad="full"),  # differentiate eigvalsh of the full J (before session 4)
+    "default, exact_grad=full": dict(exact_grad="full"),  # differentiate eigvalsh of the full J
     "default, separate pass": dict(share_forward=False),
     "default, lazy p=0.5": dict(apply_prob=0.5),
     "lazy p=0.5, 32 samples": dict(apply_prob=0.5, max_samples=32),  # as many regularised samples per step
@@ -292,7 +292,7 @@ def main() -> None:
                 "",
                 "Ratios are medians of per-round ratios (each round times every column back to back), so they "
                 "survive slow drifts of a shared machine's load; ms are medians. 'base, unfused' is the base step "
-                "through nn.Linear/Mish autograd nodes instead of the MLP's fused trunk (the speed-up of session 5).",
+                "through nn.Linear/Mish autograd nodes instead of the MLP's fused trunk.",
                 ""]
         out += bench_steps(dims, repeats, ms, a.compare_full) + [""]
     if "chunk" not in skip:

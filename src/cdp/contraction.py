@@ -356,12 +356,12 @@ class ContractionConfig:
         estimator: for ``hinge``: ``"exact"``, ``"power"``, ``"lanczos"``, ``"power_unshifted"``; for
             ``frobenius``: ``"exact"`` or ``"hutchinson"``; ``authors`` always uses the exact Jacobian.
             ``"auto"`` picks ``exact`` when the action dimension d ≤ ``auto_exact_max_dim`` (128) and ``power``
-            otherwise (``hutchinson`` for frobenius). Measured on CPU in a full training step (docs/speed.md,
-            session 4; 4 regularised samples, batch 64, CDP/DP step ratio): exact vs power K = 4 is 2.28 vs 9.77 for
-            the UNet and 2.00 vs 3.75 for the DiT at d = 32 (chunk 16 × 2), and 3.62 vs 10.2 (UNet), 2.45 vs 3.94
-            (MLP), 4.64 vs 3.84 (DiT) at d = 112 (chunk 16 × 7, robomimic's action size) — while power iteration's
-            λ_max (K = 4) was off by 2-100% (median relative error, d = 3-32) on trained networks and exact is exact.
-            So exact is the default up to 128 everywhere (at d = 224 power was the cheaper one for the DiT).
+            otherwise (``hutchinson`` for frobenius). Measured on CPU in a full training step (docs/speed.md;
+            4 regularised samples, batch 64, CDP/DP step ratio): exact vs power K = 4 is 2.46 vs 4.68 for the UNet
+            and 1.99 vs 2.03 for the DiT at d = 32 (chunk 16 × 2), and 3.62 vs 10.2 (UNet), 2.45 vs 3.94 (MLP),
+            4.64 vs 3.84 (DiT) at d = 112 (chunk 16 × 7, robomimic's action size) — while power iteration's
+            λ_max (K = 4) is off by 2-100% (median relative error, d = 3-32) on trained networks and exact is exact.
+            So exact is the default up to 128 everywhere (at d = 224 power is the cheaper one for the DiT).
         weight: γ, the loss weight (paper: 0.1).
         margin: β ≥ 0, the hinge floor / Frobenius target −β (stops over-contraction).
         iters: K, power iterations per phase or Lanczos steps (paper: 3–4).

@@ -56,7 +56,7 @@ class DiffusionPolicyConfig:
             of the regularised rows, their top eigenvector, vᵀJv and the hinge). Same loss and gradients as eager to
             float32 rounding (tested); the first call of each shape compiles (~10 s per graph on CPU). Needs a C++
             compiler on CPU (inductor); without one a warning is given and the eager pass runs. Off by default.
-            Measured on one CPU thread (docs/speed.md, session 5): bare MLP steps, with and without CDP, ~9-10%
+            Measured on one CPU thread (docs/speed.md): bare MLP steps, with and without CDP, ~9-10%
             faster, the CDP/base ratio unchanged; the RL step 0-4%.
     """
 

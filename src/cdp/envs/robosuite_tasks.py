@@ -17,11 +17,11 @@ Mandlekar et al., CoRL 2021):
 
 MuJoCo 4 compatibility
 ----------------------
-robosuite 1.5.x (latest at the time of writing) was written for MuJoCo 3.x and fails with MuJoCo 4.0 in two places,
+robosuite 1.5.x (1.5.1, 1.5.2) is written for MuJoCo 3.x and fails with MuJoCo 4.0 in two places,
 which :func:`patch_robosuite_for_mujoco4` fixes at run time without touching the installed files:
 
 1. ``binding_utils.MjModel.get_joint_qpos_addr`` / ``get_joint_qvel_addr`` assert
-   ``joint_type in (mjJNT_HINGE, mjJNT_SLIDE)``; MuJoCo 4's ``mjtJoint`` no longer compares equal from the enum side
+   ``joint_type in (mjJNT_HINGE, mjJNT_SLIDE)``; MuJoCo 4's ``mjtJoint`` does not compare equal from the enum side
    (``np.int32(3) == mjJNT_HINGE`` is True but ``mjJNT_HINGE == np.int32(3)`` is not), so the assert fails for
    every hinge joint. The replacements compare integers.
 2. ``controllers/parts/controller.py`` calls ``mujoco.mj_fullM(model, dst, data.qM)``; MuJoCo 4 removed ``qM`` and

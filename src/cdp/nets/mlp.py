@@ -286,8 +286,8 @@ class MLPDenoiser(nn.Module):
 
         The Jacobian rows reuse the forward's pre-activations (no second forward pass, no second time embedding):
         per layer, Jᵀ ← Mish'(z[:n_jac]) ⊙ (Jᵀ Wᵀ), one (n_jac·d, width) product beside the batch's. (Stacking the
-        Jacobian rows into the batch's product through autograd was measured no faster here — the cat / slice
-        backward cost what it saved; :class:`_FusedTrunk` stacks them with a written-out backward instead.)
+        Jacobian rows into the batch's product through autograd is no faster — the cat / slice backward costs what
+        it saves; :class:`_FusedTrunk` stacks them with a written-out backward instead.)
 
         Args:
             x: (B, Da) or (B, H, Da). t: (B,). cond: (B, Dc) or None. n_jac: 0 ≤ n_jac ≤ B.

@@ -90,7 +90,7 @@ class DiffusionActorBase:
 
     def _init_actor(self, obs_dim: int, action_dim: int, policy_config, ema_decay: float, seed: int) -> None:
         """Seed torch's global RNG (initialisation) and :attr:`generator` (sampling), then build policy and EMA —
-        in this order, so agents built before this helper existed initialise bit-identically."""
+        in this order; reordering would change every seed's initialisation (and the documented results)."""
         from ..policy import EMA, DiffusionPolicy
 
         self.obs_dim, self.action_dim = obs_dim, action_dim
