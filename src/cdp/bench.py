@@ -668,8 +668,8 @@ def tables_markdown(spec: Spec, rows: list[dict], summary: list[dict]) -> str:
               "robust to it). Ratio to base = median over the cells of this algo of (its s/1k) / (s/1k of the base "
               "cell with the same dataset, fraction and seed), which ran at about the same time. ms per batch-1 "
               "action: `timing.act_ms_batch1` of each run (one decision of the evaluated policy: the whole sampling "
-              "chain, or an RL agent's candidates and their selection; median of 20 calls after training; runs "
-              "made before 2026-11-22 session 3 lack it)."
+              "chain, or an RL agent's candidates and their selection; median of 20 calls after training; "
+              "blank when a results file lacks it)."
               + COMPUTE_NOTE[spec.job], "",
               "| algo | dataset | train s / 1k steps, median [min, max] | base | ratio to base (paired median) "
               "| ms per batch-1 action, median (cells) |",
@@ -719,8 +719,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
-COMPUTE_NOTE = {"rl": " rl: `timing.train_s` / steps (training loop only; periodic evaluations are timed apart since "
-                      "2026-11-22 — results written earlier included them).",
+COMPUTE_NOTE = {"rl": " rl: `timing.train_s` / steps (training loop only; periodic evaluations are "
+                      "timed apart).",
                 "il": " il: `train.sec_per_1k_steps` (training loop only).",
                 "toy": " toy: `train_seconds` / steps (training loop only)."}
 

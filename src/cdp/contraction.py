@@ -534,7 +534,7 @@ class ContractionRegularizer:
             metrics["lambda_max_mean"] = float(lam_d.mean())
             metrics["lambda_max_max"] = float(lam_d.max())
             metrics["frac_contractive"] = float((lam_d < 0).float().mean())
-        return c.weight * loss_c, metrics
+        return self.weigh(loss_c), metrics
 
     @property
     def covers_all_steps(self) -> bool:
@@ -591,7 +591,7 @@ class ContractionRegularizer:
         _, r = sign_and_ratio(self.schedule, t.to(torch.float64), self.config.prediction)
         lam = r.to(lam_n.dtype) + lam_n
         per_mean = torch.clamp(lam, min=-self.config.margin).mean()
-        return self.config.weight * per_mean, lam.detach(), per_mean.detach()
+        return self.weigh(per_mean), lam.detach(), per_mean.detach()
 
     @staticmethod
     def loss_metrics(per_mean: torch.Tensor, lam: torch.Tensor) -> dict[str, float]:
@@ -633,7 +633,7 @@ class ContractionRegularizer:
         c = self.config
         if c.loss != "hinge":
             raise ValueError(f"hinge_of_rayleigh is the hinge loss; this regulariser's loss is {c.loss!r}")
-        s, beta, w = prediction_sign(c.prediction), float(c.margin), float(c.weight)
+        s, beta, w = prediction_sign(c.prediction), float(c.margin), self.weigh(1.0)
         r = self._ratio_values(t)
 
         def closure(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -648,9 +648,15 @@ class ContractionRegularizer:
             return torch.tensor(w * loss_c, dtype=q.dtype, device=q.device), grad
         return closure
 
+    def weigh(self, loss_c):
+        """γ · L_c: the one place the contraction weight (``ContractionConfig.weight``, the paper's γ) is applied —
+        to the unweighted loss (a tensor or, for the fused MLP pass's closure, the float 1.0 that scales its value
+        and per-row gradient)."""
+        return self.config.weight * loss_c
+
     def _weighted(self, per: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         loss_c = per.mean()
-        return self.config.weight * loss_c, self.loss_metrics(loss_c.detach(), lam.detach())
+        return self.weigh(loss_c), self.loss_metrics(loss_c.detach(), lam.detach())
 
     def loss_from_jacobian(self, J: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted contraction loss γ·L_c from the denoiser's input Jacobians (the ``exact`` estimator).
