@@ -87,7 +87,7 @@ def parse_job(command: str, argv: list[str]) -> ExperimentConfig:
 
     job = JOB_OF[command]
     config_path, algo, rest = _prescan(argv)
-    file_values = load_yaml(config_path) if config_path else {}
+    file_values = _nested(load_yaml(config_path)) if config_path else {}
     if file_values.get("job") not in (None, job):
         raise ValueError(f"{config_path} is the config of a 'cdp {COMMANDS.get(file_values['job'], file_values['job'])}' "
                          f"run, not of 'cdp {command}'")
@@ -95,7 +95,7 @@ def parse_job(command: str, argv: list[str]) -> ExperimentConfig:
         algo = file_values["algo"].get("name")
     base = base_config(job, algo if job in ("rl", "il") else None)
     if file_values:
-        base = from_dict(ExperimentConfig, {k: v for k, v in _nested(file_values).items()}, base=base)
+        base = from_dict(ExperimentConfig, file_values, base=base)
     cfg = tyro.cli(ExperimentConfig, default=base, args=rest, prog=f"cdp {command}", description=DESCRIPTIONS[command],
                    use_underscores=True, config=(tyro.conf.FlagConversionOff,))
     cfg.job = job
