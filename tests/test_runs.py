@@ -50,3 +50,44 @@ def test_damaged_state_is_one_clear_error(tmp_path):
     (ck / "state.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="not a plain trainer state"):
         load_checkpoint(ck)
+
+
+def test_sigint_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path):
+    """Ctrl-C inside fit(): the step in flight completes, a checkpoint is written at it, KeyboardInterrupt is raised;
+    re-running resumes to the same weights as an uninterrupted run."""
+    import signal
+
+    from cdp.runs import RunDir
+    from cdp.training.agents import DiffusionBC
+    from cdp.training.trainer import fit
+
+    def make():
+        torch.manual_seed(0)
+        pol = DiffusionPolicy(DiffusionPolicyConfig(obs_dim=3, action_dim=2, network_kwargs={"hidden": 16, "n_layers": 2},
+                                                    contraction={"weight": 0.1, "max_samples": 4}))
+        g = torch.Generator().manual_seed(0)
+        return DiffusionBC(pol, steps=12, lr=1e-3, generator=g), g
+
+    gd = torch.Generator().manual_seed(1)
+    data = {"observations": torch.randn(64, 3, generator=gd), "actions": torch.rand(64, 2, generator=gd) * 2 - 1}
+    ref, g = make()
+    fit(ref, data, steps=12, batch_size=8, generator=g, progress=False)
+
+    agent, g = make()
+    run = RunDir(tmp_path / "run", tensorboard=False)
+
+    def interrupt_at_5(step, a):
+        if step == 5:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt, match="after step 5"):
+        fit(agent, data, steps=12, batch_size=8, generator=g, run=run, callback=interrupt_at_5, log_every=1,
+            progress=False)
+    _, meta, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "last")
+    assert meta["step"] == 5
+    resumed, g = make()
+    res = fit(resumed, data, steps=12, batch_size=8, generator=g, run=RunDir(tmp_path / "run", tensorboard=False),
+              progress=False)
+    assert res["start"] == 5
+    for a, b in zip(ref.policy.state_dict().values(), resumed.policy.state_dict().values()):
+        assert torch.equal(a, b)

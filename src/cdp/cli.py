@@ -167,6 +167,9 @@ def add_bench(sub) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="parallel cells in local mode (default: the spec's 'workers', else the number of cores)")
     p.add_argument("--out", default=None, help="override the spec's 'out' folder")
+    p.add_argument("--device", default=None,
+                   help="train.device of every cell (auto | cpu | cuda | cuda:N | mps; cuda cells ask Ray for one GPU "
+                        "each); default: the spec's")
     p.add_argument("--dry-run", action="store_true", help="print the cells and their commands; run nothing")
     p.add_argument("--aggregate-only", action="store_true", help="only aggregate the finished cells")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -191,6 +194,8 @@ def run_bench(args) -> int:
     for path, spec in zip(args.spec, specs):
         if args.out:
             spec.out = args.out
+        if args.device:
+            spec.overrides["train.device"] = args.device
         rc = max(rc, _run_one(spec, args, path))
     return rc
 
@@ -202,6 +207,8 @@ def _command_args(path: str, args) -> list[str]:
         out += ["--out", args.out]
     if args.workers:
         out += ["--workers", str(args.workers)]
+    if args.device:
+        out += ["--device", args.device]
     return out + ["--publish", str(args.publish)]
 
 

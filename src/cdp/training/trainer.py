@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -163,9 +165,10 @@ def fit(agent, data: dict[str, torch.Tensor], *, steps: int, batch_size: int, se
     metrics: dict[str, float] = {}
     eval_s = 0.0
     t0 = time.perf_counter()
-    bar = tqdm(range(start, steps), desc=desc, disable=not progress, initial=start, total=steps, leave=False,
-               dynamic_ncols=True)
-    for step in bar:
+    interrupted = _InterruptAfterStep()
+
+    def _step(step: int) -> None:
+        nonlocal metrics, eval_s
         idx = torch.randint(0, N, (batch_size,), generator=gen, device=gen.device)
         with autocast(precision, device):
             metrics = agent.update({k: v[idx] for k, v in data.items()})
@@ -192,12 +195,46 @@ def fit(agent, data: dict[str, torch.Tensor], *, steps: int, batch_size: int, se
                           f"± {rec['normalized_score_std']:.1f}")
         if ckpt_every and done % ckpt_every == 0:
             checkpoint(done)
+
+    bar = tqdm(range(start, steps), desc=desc, disable=not progress, initial=start, total=steps, leave=False,
+               dynamic_ncols=True)
+    with interrupted:
+        for step in bar:
+            _step(step)
+            if interrupted.requested:
+                bar.close()
+                checkpoint(step + 1)
+                raise KeyboardInterrupt(f"interrupted after step {step + 1}; checkpoint written to {ckpt}")
     bar.close()
     if steps > start or (ckpt is not None and not ckpt.exists()):
         checkpoint(max(steps, start))
     total = time.perf_counter() - t0
     return {"step": max(start, steps), "start": start, "evals": evals, "last_metrics": metrics,
             "train_s": total - eval_s, "eval_s": eval_s}
+
+
+class _InterruptAfterStep:
+    """Within the loop, Ctrl-C (SIGINT) finishes the current step, writes a checkpoint and then raises
+    KeyboardInterrupt, so an interrupted run resumes exactly; a second Ctrl-C interrupts at once. Only in the main
+    thread (elsewhere signals cannot be handled and the default behaviour stays)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "_InterruptAfterStep":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
 def _to_cpu(x: Any) -> Any:
