@@ -91,3 +91,44 @@ def test_sigint_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path):
     assert res["start"] == 5
     for a, b in zip(ref.policy.state_dict().values(), resumed.policy.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_kill_between_the_two_renames_is_recovered(tmp_path):
+    """save_checkpoint moves ``last`` to ``.last.old`` before moving the new folder in; a kill in between leaves no
+    ``last``: the next read puts the complete old checkpoint back, and orphan temporary folders are removed."""
+    from cdp.runs import recover_checkpoint
+
+    ck = _checkpoint(tmp_path)
+    os.replace(ck, ck.with_name(".ckpt.old"))
+    (tmp_path / ".ckpt.tmpabc").mkdir()
+    tensors, meta, state = load_checkpoint(ck)
+    assert ck.exists() and not (tmp_path / ".ckpt.old").exists() and not (tmp_path / ".ckpt.tmpabc").exists()
+    assert state["ema_updates"] == 3
+    recover_checkpoint(ck)  # idempotent
+    assert ck.exists()
+
+
+def test_two_processes_on_one_run_folder_are_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from cdp.runs import RunDir
+
+    run = RunDir(tmp_path / "run", tensorboard=False, lock=True)
+    code = ("import sys; from cdp.runs import RunDir\n"
+            "try:\n    RunDir(sys.argv[1], tensorboard=False, lock=True)\nexcept ValueError as e:\n"
+            "    print(e); sys.exit(3)\n")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True)
+    assert p.returncode == 3 and "in use by another cdp process" in p.stdout
+    RunDir(tmp_path / "run", tensorboard=False, lock=True).close()  # re-entrant in the same process
+    run.close()
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout
+
+
+def test_run_folder_that_is_a_file_is_one_clear_error(tmp_path):
+    from cdp.runs import RunDir
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        RunDir(tmp_path / "f")

@@ -421,6 +421,16 @@ def resolve(job: str, file_values: dict[str, Any] | None = None, cli: "Experimen
         raise ValueError(f"{', '.join('--' + k for k in bad)} do{'es' if len(bad) == 1 else ''} not apply to {what}; "
                          f"remove {'it' if len(bad) == 1 else 'them'}")
     check_finite(cfg)
+    if job != "eval":
+        t = cfg.train
+        if t.steps < 1:
+            raise ValueError(f"train.steps must be >= 1, got {t.steps} (a run with no training steps has no result)")
+        if t.batch_size < 1 or t.log_every < 1 or t.ckpt_every < 0:
+            raise ValueError("need train.batch_size >= 1, train.log_every >= 1 and train.ckpt_every >= 0")
+        if not (t.lr > 0):
+            raise ValueError(f"train.lr must be > 0, got {t.lr}")
+    if cfg.train.precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {PRECISIONS}, got {cfg.train.precision!r}")
     return cfg
 
 

@@ -37,9 +37,18 @@ class RunDir:
         tensorboard: also write TensorBoard events under ``tb/``.
     """
 
-    def __init__(self, path: str | os.PathLike, config: dict[str, Any] | None = None, tensorboard: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, config: dict[str, Any] | None = None, tensorboard: bool = True,
+                 lock: bool = False) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"run folder {self.path} is a file; choose a folder for --out")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create run folder {self.path}: {e.strerror}; choose another --out") from None
+        if not os.access(self.path, os.W_OK):
+            raise ValueError(f"run folder {self.path} is not writable; choose another --out")
+        self._lock = _acquire_lock(self.path) if lock else None
         if config is not None:
             atomic_write_text(self.path / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False))
         self._tb = None
@@ -76,6 +85,47 @@ class RunDir:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        if self._lock is not None:
+            _release_lock(self._lock)
+            self._lock = None
+
+
+#: run folders this process holds: resolved path → [file descriptor, holders]
+_LOCKS: dict[str, list] = {}
+
+
+def _acquire_lock(path: Path) -> str:
+    """An exclusive ``flock`` on ``<path>/.lock`` for this process (re-entrant within it). Two ``cdp`` processes on one
+    run folder would interleave metrics and checkpoints; the second gets one clear error instead."""
+    import fcntl
+
+    key = str(path.resolve())
+    if key in _LOCKS:
+        _LOCKS[key][1] += 1
+        return key
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ValueError(f"run folder {path} is in use by another cdp process (pid {other}); wait for it or "
+                         f"choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _LOCKS[key] = [fd, 1]
+    return key
+
+
+def _release_lock(key: str) -> None:
+    entry = _LOCKS.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] <= 0:
+        os.close(entry[0])  # closing the descriptor releases the flock
+        del _LOCKS[key]
 
 
 def median_call_ms(fn: Callable[[], Any], n: int = 20, warmup: int = 3, inference_mode: bool = True) -> float:
@@ -134,6 +184,7 @@ def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tenso
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    recover_checkpoint(directory)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
     try:
         save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
@@ -155,6 +206,18 @@ def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tenso
     return directory
 
 
+def recover_checkpoint(directory: str | os.PathLike) -> None:
+    """Repair what a kill during :func:`save_checkpoint` can leave: ``last`` already moved to ``.last.old`` but the new
+    folder not yet in place (the old one is put back), and orphan ``.last.tmp*`` folders (removed)."""
+    directory = Path(directory)
+    old = directory.with_name(f".{directory.name}.old")
+    if old.is_dir() and not directory.exists() and (old / "model.safetensors").exists():
+        os.replace(old, directory)
+    if directory.parent.is_dir():
+        for orphan in directory.parent.glob(f".{directory.name}.tmp*"):
+            shutil.rmtree(orphan, ignore_errors=True)
+
+
 def load_checkpoint(directory: str | os.PathLike, with_state: bool = True
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
     """Read a checkpoint folder → (tensors, meta, state or None).
@@ -168,6 +231,7 @@ def load_checkpoint(directory: str | os.PathLike, with_state: bool = True
         ValueError: ``state.pt`` holds something other than tensors and plain containers, or is unreadable.
     """
     directory = Path(directory)
+    recover_checkpoint(directory)
     for name in ("model.safetensors", "policy.json"):
         if not (directory / name).exists():
             raise FileNotFoundError(f"not a cdp checkpoint: {directory / name} is missing")

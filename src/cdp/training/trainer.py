@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..devices import autocast, make_generator
-from ..runs import RunDir, load_checkpoint, save_checkpoint
+from ..runs import RunDir, load_checkpoint, recover_checkpoint, save_checkpoint
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -80,6 +80,7 @@ def check_resume(run_dir: str | Path, identity: dict[str, Any]) -> int:
         ValueError: the checkpoint was written by a run with another ``identity`` (naming the differing keys).
     """
     ck = checkpoint_dir(run_dir)
+    recover_checkpoint(ck)
     if not (ck / "policy.json").exists():
         return 0
     meta = json.loads((ck / "policy.json").read_text())
@@ -135,6 +136,8 @@ def fit(agent, data: dict[str, torch.Tensor], *, steps: int, batch_size: int, se
     N = next(iter(sizes.values()))
     gen = generator if generator is not None else make_generator(seed, device)
     ckpt = checkpoint_dir(run.path) if run is not None else None
+    if ckpt is not None:
+        recover_checkpoint(ckpt)
     start, evals = 0, []
     if ckpt is not None and ckpt.exists():
         if identity is not None:
