@@ -12,7 +12,8 @@ from cdp.cli import main  # noqa: E402
 from cdp.data.il import load_robomimic_hdf5  # noqa: E402
 from cdp.data.robosuite_demos import generate_robosuite_demos  # noqa: E402
 from cdp.envs.robosuite_tasks import OBS_KEYS, RobosuiteLowDim, evaluate_robosuite  # noqa: E402
-from cdp.il import ILConfig, load_demos  # noqa: E402
+from cdp.config import apply, base_config  # noqa: E402
+from cdp.experiments.il import load_demos, max_steps_of, task_of_checkpoint, validate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -90,20 +91,36 @@ def test_generator_bad_input(tmp_path):
     assert not (tmp_path / "x.hdf5").exists()
 
 
+def il_config(**over):
+    return apply(base_config("il", "cdp_dbc"), {"algo.name": "cdp_dbc", **over})
+
+
 def test_bad_files_give_clear_errors(tmp_path, lift_file):
-    with pytest.raises(FileNotFoundError, match="--hdf5"):
-        load_demos(ILConfig(task="lift"))
+    with pytest.raises(FileNotFoundError, match="--data.path"):
+        load_demos(il_config(**{"data.task": "lift"}))
     with pytest.raises(FileNotFoundError, match="cdp data lift"):
-        load_demos(ILConfig(task="lift", hdf5=str(tmp_path / "none.hdf5")))
+        load_demos(il_config(**{"data.task": "lift", "data.path": str(tmp_path / "none.hdf5")}))
     bad = tmp_path / "bad.hdf5"
     with h5py.File(bad, "w") as f:
         f.create_dataset("data/demo_0/actions", data=np.zeros((3, 7)))
         f.create_dataset("data/demo_0/obs/robot0_eef_pos", data=np.zeros((3, 3)))
     with pytest.raises(ValueError, match="missing keys"):
-        load_demos(ILConfig(task="lift", hdf5=str(bad)))
+        load_demos(il_config(**{"data.task": "lift", "data.path": str(bad)}))
     with pytest.raises(ValueError, match="'Lift' demos, but task 'can'"):
-        load_demos(ILConfig(task="can", hdf5=str(lift_file[0])))
-    assert ILConfig(task="lift").eval_max_steps == 400 and ILConfig().eval_max_steps == 300
+        load_demos(il_config(**{"data.task": "can", "data.path": str(lift_file[0])}))
+    assert max_steps_of(il_config(**{"data.task": "lift"})) == 400 and max_steps_of(il_config()) == 300
+    assert max_steps_of(il_config(**{"data.task": "can", "eval.max_steps": 7})) == 7
+    with pytest.raises(ValueError, match="data.task"):
+        validate(il_config(**{"data.task": "square"}))
+
+
+def test_cli_missing_hdf5_gives_one_clear_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data.task", "lift", "--algo.name", "cdp_dbc", "--out", str(out),
+                 "--train.progress", "False"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("cdp train: error: ") and "--data.path" in err
+    assert not out.exists()
 
 
 def test_evaluate_robosuite_checks_policy_output():
@@ -116,16 +133,25 @@ def test_evaluate_robosuite_checks_policy_output():
 
 def test_cli_train_and_eval_lift(tmp_path, lift_file, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "--task", "lift", "--hdf5", str(lift_file[0]), "--max-episodes", "none", "--policy",
-               "cdp_dbc", "--steps", "3", "--batch-size", "16", "--mlp-hidden", "32", "--num-diffusion-steps", "10",
-               "--eval-inference-steps", "2", "--eval-episodes", "1", "--eval-max-steps", "5", "--diag-obs", "1",
-               "--diag-samples", "1", "--out", str(out), "--no-progress", "--threads", "1"])
+    rc = main(["train", "--data.task", "lift", "--data.path", str(lift_file[0]), "--data.max_episodes", "none",
+               "--algo.name", "cdp_dbc", "--train.steps", "3", "--train.batch_size", "16",
+               "--policy.network.hidden", "32", "--policy.schedule.num_steps", "10",
+               "--policy.num_inference_steps", "2", "--eval.episodes", "1", "--eval.max_steps", "5",
+               "--eval.diag_obs", "1", "--eval.diag_samples", "1", "--out", str(out), "--train.progress", "False",
+               "--train.threads", "1"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["data"]["episodes"] == 2 and res["hdf5"] == str(lift_file[0]) and "zarr" not in res
+    assert res["data"]["episodes"] == 2 and res["data_path"] == str(lift_file[0])
+    assert "hdf5" not in res and "zarr" not in res
+    assert res["config"]["data"]["task"] == "lift" and res["config"]["data"]["max_episodes"] is None
     assert res["eval"]["task"] == "lift" and len(res["eval"]["successes"]) == 1
     assert res["policy_config"]["obs_dim"] == 19 and res["policy_config"]["action_dim"] == 7
     assert "success rate" in capsys.readouterr().out
-    assert main(["eval", "--checkpoint", str(out / "checkpoints" / "last"), "--episodes", "1", "--max-steps", "4",
-                 "--threads", "1"]) == 0
+    ckpt = out / "checkpoints" / "last"
+    assert task_of_checkpoint(ckpt) == "lift"  # cdp eval reads the task from the run's config.yaml
+    assert main(["eval", "--checkpoint", str(ckpt), "--eval.episodes", "1", "--eval.max_steps", "4",
+                 "--train.threads", "1"]) == 0
     assert "/1 episodes)" in capsys.readouterr().out
+    # the run's config.yaml re-runs it: resumed, nothing retrained
+    assert main(["train", "--config", str(out / "config.yaml")]) == 0
+    assert json.loads((out / "results.json").read_text())["train"]["steps_run"] == 0

@@ -386,10 +386,12 @@ def preset(job: str, algo: str | None = None) -> dict[str, Any]:
     if job not in JOB_PRESETS:
         raise ValueError(f"unknown job {job!r}; expected one of {JOBS}")
     out = dict(JOB_PRESETS[job])
+    if job in ("rl", "il") and algo is not None:
+        out["algo.name"] = algo
     if job == "rl":
-        out.update(rl_algo_preset(algo or out["algo.name"]))
+        out.update(rl_algo_preset(out["algo.name"]))
     elif job == "il":
-        out.update(il_algo_preset(algo or out["algo.name"]))
+        out.update(il_algo_preset(out["algo.name"]))
     return out
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..config import IL_PRESETS, ExperimentConfig, flatten, to_plain
+from ..config import IL_PRESETS, ExperimentConfig, base_config, flatten, to_plain
 from ..data.il import (SequenceWindows, default_pusht_zarr_path, load_pusht_lowdim, load_robomimic_hdf5,
                        subsample_episodes)
 from ..devices import make_generator, resolve_device
@@ -42,7 +42,7 @@ from ..policies.bc_gmm import BCGMMConfig, BCGMMPolicy
 from ..policy import DiffusionPolicy, DiffusionPolicyConfig
 from ..runs import RunDir, load_policy, median_call_ms
 from ..training.agents import DiffusionBC
-from ..training.trainer import check_resume, checkpoint_dir, data_fingerprint, fit
+from ..training.trainer import check_resume, checkpoint_dir, data_fingerprint, fit, resumable_identity
 
 PRESETS = IL_PRESETS
 TASKS = ("pusht", "lift", "can")
@@ -339,14 +339,15 @@ def run_il(cfg: ExperimentConfig, log=print) -> dict:
     pol = BCGMMPolicy(pc) if isinstance(pc, BCGMMConfig) else DiffusionPolicy(pc)
     obs, act = make_windows(ds, pol.config)
     data = {"observations": obs, "actions": act}
-    identity = identity_of(cfg, data)
+    defaults = flatten(base_config("il", cfg.algo.name).to_dict())
+    identity = resumable_identity(out, identity_of(cfg, data), defaults)
     done_before = check_resume(out, identity)  # before anything is written
     pol.to(device)
     gen = make_generator(cfg.train.seed, device)
     t = cfg.train
     agent = DiffusionBC(pol, steps=t.steps, lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
                         lr_schedule=t.lr_schedule, lr_warmup_steps=t.lr_warmup_steps, generator=gen)
-    run = RunDir(out, config=cfg.to_dict(), tensorboard=cfg.log.tensorboard)
+    run = RunDir(out, config=cfg.to_dict(), tensorboard=cfg.log.tensorboard, lock=True)
     n_params = sum(p.numel() for p in pol.net.parameters())
     res = fit(agent, data, steps=t.steps, batch_size=t.batch_size, seed=t.seed, device=device,
               precision=t.precision, log_every=t.log_every, ckpt_every=t.ckpt_every, run=run, identity=identity,

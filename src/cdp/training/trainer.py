@@ -73,6 +73,19 @@ def _norm(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
 
+def resumable_identity(run_dir: str | Path, identity: dict[str, Any], defaults: dict[str, Any] | None = None
+                       ) -> dict[str, Any]:
+    """``identity`` less the keys that the checkpoint in ``run_dir`` does not record (settings added to the config
+    tree after it was written) where this run keeps them at their default (``defaults``, flat), so such a run still
+    resumes; a key at another value stays, and :func:`check_resume` refuses it, naming it."""
+    meta = checkpoint_dir(run_dir) / "policy.json"
+    theirs = json.loads(meta.read_text()).get("identity") if meta.exists() else None
+    if not isinstance(theirs, dict) or defaults is None:
+        return identity
+    mine = _norm(identity)
+    return {k: v for k, v in identity.items() if k in theirs or k not in defaults or mine[k] != _norm(defaults[k])}
+
+
 def check_resume(run_dir: str | Path, identity: dict[str, Any]) -> int:
     """The step of ``run_dir``'s checkpoint (0 when there is none) after checking it belongs to this run.
 
