@@ -9,12 +9,13 @@ import torch
 import pytest
 import yaml
 
-from cdp.bench import (aggregate, bootstrap_ci, cell_dir, expand, iqm, load_spec, mean_std, parse_spec, run_grid,
-                       summarize, collect)
-from cdp.cli import main
+from cdp.bench import (aggregate, bootstrap_ci, cell_dir, cell_resources, expand, iqm, load_spec, mean_std, parse_spec,
+                       run_grid, summarize, collect)
+from cdp.cli import main, parse_job
+from cdp.config import flatten
 
 RL = {"name": "t", "job": "rl", "out": "OUT", "algos": ["bc", "cdp"], "datasets": ["PointMaze_UMaze-v3"],
-      "fractions": [1.0, 0.1], "seeds": [0, 1, 2], "overrides": {"steps": 10, "eval_episodes": 2, "threads": 1}}
+      "fractions": [1.0, 0.1], "seeds": [0, 1, 2], "overrides": {"train.steps": 10, "eval.episodes": 2, "train.threads": 1}}
 
 
 def _spec(tmp_path, **kw):
@@ -28,7 +29,10 @@ def test_parse_and_defaults(tmp_path):
     assert s.root == tmp_path / "rl"
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump({**RL, "out": str(tmp_path)}))
-    assert load_spec(p).overrides == {"steps": 10, "eval_episodes": 2, "threads": 1}
+    assert load_spec(p).overrides == {"train.steps": 10, "eval.episodes": 2, "train.threads": 1}
+    # nested mappings and dotted keys mean the same (stored dotted)
+    nested = _spec(tmp_path, overrides={"train": {"steps": 10, "threads": 1}, "eval.episodes": 2})
+    assert nested.overrides == {"train.steps": 10, "train.threads": 1, "eval.episodes": 2}
     toy = parse_spec({"job": "toy", "algos": ["standard"], "seeds": 0})
     assert toy.datasets == ["fourmode"] and toy.fractions == [1.0] and toy.seeds == [0]
 
@@ -40,8 +44,13 @@ def test_parse_and_defaults(tmp_path):
     ({"fractions": [1.0, 1.0]}, "duplicates"),
     ({"seeds": [0, "a"]}, "must be int"),
     ({"seeds": []}, "is empty"),
-    ({"overrides": {"seed": 3}}, "may not set"),
-    ({"overrides": {"stepz": 3}}, "has no flags"),
+    ({"overrides": {"train.seed": 3}}, "may not set"),
+    ({"overrides": {"train": {"seed": 3}}}, "may not set"),
+    ({"overrides": {"data.path": "x.hdf5"}}, "may not set"),
+    ({"overrides": {"stepz": 3}}, "unknown config key stepz"),
+    ({"overrides": {"train.stepz": 3}}, "unknown config key train.stepz"),
+    ({"overrides": {"train.steps": "many"}}, "train.steps.*expected an integer"),
+    ({"overrides": {"policy.contraction.weight": 0.2}}, "overrides for bc: --policy.contraction.weight does not apply"),
     ({"datasets": ["a/b"]}, "plain name"),
     ({"bogus": 1}, "unknown keys"),
     ({"workers": 0}, "'workers' must be"),
@@ -49,6 +58,33 @@ def test_parse_and_defaults(tmp_path):
 def test_validation_errors(tmp_path, change, msg):
     with pytest.raises(ValueError, match=msg):
         _spec(tmp_path, **change)
+
+
+def test_overrides_the_job_does_not_read_are_refused_naming_the_key():
+    il = {"job": "il", "algos": ["dbc"], "datasets": ["pusht"], "seeds": [0]}
+    with pytest.raises(ValueError, match="overrides for dbc: --algo.eta does not apply to cdp train"):
+        parse_spec({**il, "overrides": {"algo.eta": 0.5}})
+    with pytest.raises(ValueError, match="policy.network.unet_down_dims does not apply"):  # dbc is an MLP
+        parse_spec({**il, "overrides": {"policy.network.unet_down_dims": [32, 64, 128]}})
+    with pytest.raises(ValueError, match="unknown config key eval.bogus"):
+        parse_spec({**il, "overrides": {"eval": {"bogus": 1}}})
+    with pytest.raises(ValueError, match="overrides for standard: --data.size does not apply to cdp toy"):
+        parse_spec({"job": "toy", "algos": ["standard"], "seeds": [0], "overrides": {"data.size": 10}})
+    with pytest.raises(ValueError, match="algo_overrides may not set \\['data.size'\\]"):  # one shared dataset
+        parse_spec({**RL, "algo_overrides": {"cdp": {"data.size": 10}}})
+    assert parse_spec({**il, "algos": ["cdp_unet"], "overrides": {"policy.network.unet_down_dims": [32, 64, 128]}})
+
+
+def test_cell_resources_ask_for_a_gpu_with_cuda():
+    assert cell_resources(parse_spec(RL), "cdp") == {"num_cpus": 1, "num_gpus": 0}
+    for dev in ("cpu", "auto"):
+        s = parse_spec({**RL, "overrides": {**RL["overrides"], "train.device": dev}})
+        assert cell_resources(s, "cdp") == {"num_cpus": 1, "num_gpus": 0}, dev
+    for dev in ("cuda", "cuda:1"):
+        s = parse_spec({**RL, "overrides": {**RL["overrides"], "train": {"device": dev}}})
+        assert cell_resources(s, "bc") == cell_resources(s, "cdp") == {"num_cpus": 1, "num_gpus": 1}, dev
+    s = parse_spec({**RL, "algo_overrides": {"cdp": {"train.device": "cuda"}}})  # one algo on the GPU
+    assert cell_resources(s, "cdp")["num_gpus"] == 1 and cell_resources(s, "bc")["num_gpus"] == 0
 
 
 def test_validation_job_specific():
@@ -71,7 +107,7 @@ def test_cli_reports_bad_spec(tmp_path, capsys):
     good.write_text(yaml.safe_dump({**RL, "out": str(tmp_path / "o")}))
     assert main(["bench", str(good), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "[todo] bc/PointMaze_UMaze-v3/frac1/seed0: python -m cdp.cli rl --algo bc" in out
+    assert "[todo] bc/PointMaze_UMaze-v3/frac1/seed0: python -m cdp.cli rl --algo.name bc" in out
     assert "12 cells, 0 finished" in out and not (tmp_path / "o").exists()  # a dry run writes nothing
     # several specs: all validated first (a bad one stops everything), then run in order
     good2 = tmp_path / "good2.yaml"
@@ -92,32 +128,55 @@ def test_grid_expansion(tmp_path):
     assert (c.algo, c.fraction, c.seed) == ("bc", 0.1, 1)
     assert c.out == (tmp_path / "rl" / "bc" / "PointMaze_UMaze-v3" / "frac0.1" / "seed1").absolute()
     a = c.args
-    assert a[:3] == ["rl", "--algo", "bc"]
-    for flag, v in [("--env", "PointMaze_UMaze-v3"), ("--fraction", "0.1"), ("--seed", "1"), ("--steps", "10"),
-                    ("--eval-episodes", "2"), ("--threads", "1"), ("--out", str(c.out))]:
+    assert a[:3] == ["rl", "--algo.name", "bc"]
+    for flag, v in [("--data.env", "PointMaze_UMaze-v3"), ("--data.fraction", "0.1"), ("--train.seed", "1"),
+                    ("--train.steps", "10"), ("--eval.episodes", "2"), ("--train.threads", "1"), ("--out", str(c.out)),
+                    ("--train.progress", "False")]:
         assert a[a.index(flag) + 1] == v
     # every cell command parses with the real sub-command parser
-    from cdp.cli import build_parser
-    ns = build_parser().parse_args(c.args)
-    assert ns.algo == "bc" and ns.fraction == 0.1 and ns.steps == 10
+    cfg = parse_job("rl", c.args[1:])
+    assert (cfg.algo.name, cfg.data.fraction, cfg.train.seed, cfg.train.steps) == ("bc", 0.1, 1, 10)
+    assert cfg.out == str(c.out) and cfg.train.progress is False and cfg.eval.episodes == 2
     toy = expand(parse_spec({"job": "toy", "algos": ["standard", "cdp_all"], "seeds": [0, 1],
-                             "overrides": {"steps": 20}, "out": str(tmp_path)}))
-    assert len(toy) == 4 and toy[0].args[:3] == ["toy", "--variants", "standard"] and "--fraction" not in toy[0].args
+                             "overrides": {"train.steps": 20}, "out": str(tmp_path)}))
+    assert len(toy) == 4 and toy[0].args[:3] == ["toy", "--algo.variants", "standard"]
+    assert "--data.fraction" not in toy[0].args
+    cfg = parse_job("toy", toy[3].args[1:])
+    assert cfg.algo.variants == ["cdp_all"] and cfg.train.seed == 1 and cfg.train.steps == 20
 
 
 def test_algo_overrides_and_shared_dataset(tmp_path):
-    s = _spec(tmp_path, algo_overrides={"cdp": {"gamma": 0.2, "diffusion_steps": 20}})
+    s = _spec(tmp_path, algo_overrides={"cdp": {"policy.contraction.weight": 0.2,
+                                                "policy": {"schedule": {"num_steps": 20}}}})
     cells = {c.algo: c for c in expand(s) if c.fraction == 1.0 and c.seed == 0}
-    assert "--gamma" not in cells["bc"].args
+    assert "--policy.contraction.weight" not in cells["bc"].args
     a = cells["cdp"].args
-    assert a[a.index("--gamma") + 1] == "0.2" and a[a.index("--diffusion-steps") + 1] == "20"
-    data = a[a.index("--dataset") + 1]  # one generated dataset shared by all cells
+    assert a[a.index("--policy.contraction.weight") + 1] == "0.2"
+    assert a[a.index("--policy.schedule.num_steps") + 1] == "20"
+    cfg = parse_job("rl", a[1:])
+    assert cfg.policy.contraction.weight == 0.2 and cfg.policy.schedule.num_steps == 20
+    data = a[a.index("--data.path") + 1]  # one generated dataset shared by all cells
     assert data == str((tmp_path / "rl" / "_data" / "dataset_PointMaze_UMaze-v3_n50000_noise0_seed0.hdf5").absolute())
-    assert "--dataset" not in expand(_spec(tmp_path, shared_dataset=False))[0].args
+    assert "--data.path" not in expand(_spec(tmp_path, shared_dataset=False))[0].args
+    # the shared dataset is the one cdp rl would generate for the spec's data.* overrides (same name and call)
+    s2 = _spec(tmp_path, overrides={**RL["overrides"], "data.size": 2000, "data.seed": 3, "data.action_noise": 0.1})
+    a2 = expand(s2)[0].args
+    assert a2[a2.index("--data.path") + 1].endswith("_data/dataset_PointMaze_UMaze-v3_n2000_noise0.1_seed3.hdf5")
+    import cdp.data.maze as maze
+    from cdp.bench import prepare_rl_datasets
+
+    calls = []
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(maze, "generate_maze_dataset", lambda env, **kw: calls.append((env, kw)))
+    try:
+        prepare_rl_datasets(s2, {"PointMaze_UMaze-v3"}, log=lambda m: None)
+    finally:
+        monkey.undo()
+    assert [(e, kw["n_steps"], kw["seed"], kw["action_noise"]) for e, kw in calls] == [("PointMaze_UMaze-v3", 2000, 3, 0.1)]
     with pytest.raises(ValueError, match="not in 'algos'"):
-        _spec(tmp_path, algo_overrides={"edp": {"gamma": 0.2}})
+        _spec(tmp_path, algo_overrides={"edp": {"policy.contraction.weight": 0.2}})
     with pytest.raises(ValueError, match="algo_overrides.cdp may not set"):
-        _spec(tmp_path, algo_overrides={"cdp": {"seed": 1}})
+        _spec(tmp_path, algo_overrides={"cdp": {"train.seed": 1}})
 
 
 def test_d4rl_named_mujoco_dataset(tmp_path, monkeypatch):
@@ -126,8 +185,8 @@ def test_d4rl_named_mujoco_dataset(tmp_path, monkeypatch):
               data={"root": str(data_root), "max_steps": 1000, "buffer_size": 1000})
     c = next(c for c in expand(s) if c.dataset == "hopper-medium-replay")
     a = c.args
-    assert a[a.index("--env") + 1] == "Hopper-v5"
-    assert a[a.index("--dataset") + 1] == str((data_root / "hopper" / "hopper-medium-replay-v5.hdf5").absolute())
+    assert a[a.index("--data.env") + 1] == "Hopper-v5"
+    assert a[a.index("--data.path") + 1] == str((data_root / "hopper" / "hopper-medium-replay-v5.hdf5").absolute())
     assert "hopper-medium-replay" in str(c.out)
     cfg, folder = s.mujoco_data("hopper-medium-replay")
     assert cfg.env_id == "Hopper-v5" and cfg.kinds == ("medium-replay",) and cfg.max_steps == 1000
@@ -152,7 +211,8 @@ def test_il_robosuite_demos_are_made_once_and_passed(tmp_path, monkeypatch):
     cells = {c.dataset: c for c in expand(spec)}
     a = cells["lift"].args
     want = (tmp_path / "d" / "lift7_seed3.hdf5").absolute()
-    assert a[a.index("--hdf5") + 1] == str(want) and "--hdf5" not in cells["pusht"].args
+    assert a[a.index("--data.path") + 1] == str(want) and "--data.path" not in cells["pusht"].args
+    assert a[a.index("--data.task") + 1] == "lift"
     import cdp.data.robosuite_demos as rd
     from cdp.bench import prepare_il_demos
 
@@ -177,14 +237,17 @@ def test_unreachable_address(tmp_path, capsys):
     assert "cannot reach the Ray cluster" in capsys.readouterr().err
 
 
-def test_il_resume_flag(tmp_path):
+def test_unfinished_cell_reruns_its_command_to_resume(tmp_path):
+    """A cell with a checkpoint but no results file is not done, and its command is the same one (the sub-command
+    resumes from the checkpoint of the same --out by itself)."""
     s = parse_spec({"job": "il", "algos": ["dbc"], "datasets": ["pusht"], "fractions": [0.1], "seeds": [0],
                     "out": str(tmp_path)})
     (c,) = expand(s)
-    assert "--resume" not in c.argv()
+    before = c.argv()
     (c.out / "checkpoints" / "last").mkdir(parents=True)
     (c.out / "checkpoints" / "last" / "policy.json").write_text("{}")
-    assert c.argv()[-1] == "--resume"
+    assert not c.done and c.argv() == before and "--resume" not in before
+    assert before[before.index("--out") + 1] == str(c.out)
 
 
 SCORES = {("bc", 1.0): [10.0, 20.0, 60.0], ("bc", 0.1): [5.0, 7.0, 9.0],
@@ -218,7 +281,7 @@ def test_skip_finished(tmp_path):
 
 
 def test_aggregation_numbers(tmp_path):
-    s = _spec(tmp_path, baselines={"cdp": "bc"})
+    s = _spec(tmp_path, baselines={"cdp": "bc"}, algo_overrides={"cdp": {"policy.contraction.weight": 0.2}})
     _fake_rl(s)
     rows = collect(s)
     assert len(rows) == 11
@@ -248,6 +311,8 @@ def test_aggregation_numbers(tmp_path):
     assert "| cdp | PointMaze_UMaze-v3 | 1200.0 [600.0, 1800.0] | bc | 3.00 (n = 5) | 4.5 (4) |" in md
     assert "| bc | PointMaze_UMaze-v3 | 400.0 [200.0, 600.0] | – | – | 1.5 (4) |" in md
     assert "## Contraction" in md and "Unfinished cells (1)" in md
+    assert "Overrides: `train.steps=10`, `train.threads=1`, `eval.episodes=2`" in md  # grouped by section
+    assert "Overrides of cdp only: `policy.contraction.weight=0.2`" in md
     out = s.root / "summary"
     for f in ("summary.md", "summary.csv", "cells.csv", "bar.png", "curves.png"):
         assert (out / f).exists(), f
@@ -265,8 +330,8 @@ def test_stats_helpers():
 def test_toy_grid_on_ray(tmp_path, capsys):
     pytest.importorskip("ray")
     spec = {"name": "tiny", "job": "toy", "out": str(tmp_path), "algos": ["standard", "cdp_all"], "seeds": [0, 1],
-            "overrides": {"steps": 20, "n_data": 256, "n_eval": 50, "hidden": 16, "num_steps": 5, "snapshots": 2,
-                          "threads": 1}}
+            "overrides": {"train.steps": 20, "data.n_data": 256, "eval.n_samples": 50, "policy.network.hidden": 16,
+                          "policy.schedule.num_steps": 5, "eval.snapshots": 2, "train.threads": 1}}
     p = tmp_path / "tiny.yaml"
     p.write_text(yaml.safe_dump(spec))
     assert main(["bench", str(p), "--workers", "2", "--no-plots"]) == 0
@@ -275,8 +340,9 @@ def test_toy_grid_on_ray(tmp_path, capsys):
     assert all(c.done for c in expand(s))
     res = json.loads((expand(s)[0].out / "toy_results.json").read_text())
     cfg = res["config"]
-    assert (cfg["steps"], cfg["n_data"], cfg["n_eval"], cfg["hidden"], cfg["num_steps"]) == (20, 256, 50, 16, 5)
-    assert cfg["variants"] == ["standard"] and cfg["seed"] == 0
+    assert (cfg["train"]["steps"], cfg["data"]["n_data"], cfg["eval"]["n_samples"], cfg["policy"]["network"]["hidden"],
+            cfg["policy"]["schedule"]["num_steps"], cfg["train"]["threads"]) == (20, 256, 50, 16, 5, 1)
+    assert cfg["algo"]["variants"] == ["standard"] and cfg["train"]["seed"] == 0 and cfg["train"]["progress"] is False
     assert "| standard | fourmode | 1 | 2 |" in out and "| cdp_all | fourmode | 1 | 2 |" in out
     assert "| cdp_all | fourmode | " in out and "standard |" in out  # compute-cost row with its base
     # everything finished: a second run skips all cells without starting Ray
@@ -295,8 +361,9 @@ def test_bench_fans_out_to_a_ray_cluster_by_address(tmp_path, capsys):
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         spec = {"name": "tiny", "job": "toy", "out": str(tmp_path), "algos": ["standard", "cdp_all"],
-                "seeds": [0, 1], "overrides": {"steps": 20, "n_data": 256, "n_eval": 50, "hidden": 16,
-                                                "num_steps": 5, "snapshots": 2, "threads": 1}}
+                "seeds": [0, 1], "overrides": {"train.steps": 20, "data.n_data": 256, "eval.n_samples": 50,
+                                                "policy.network.hidden": 16, "policy.schedule.num_steps": 5,
+                                                "eval.snapshots": 2, "train.threads": 1}}
         p = tmp_path / "tiny.yaml"
         p.write_text(yaml.safe_dump(spec))
         res = run_grid(load_spec(p), address=cluster.address, log=lambda *a: None)
@@ -364,11 +431,19 @@ def test_median_call_ms_times_a_call():
 
 
 def test_every_shipped_spec_parses_and_expands():
-    """configs/experiments/*.yaml (the specs results.md is made from) are valid: known job, algos, tasks and flags."""
+    """configs/experiments/*.yaml (the specs results.md is made from) are valid: known job, algos, tasks and config
+    keys; each algo's cell command parses with the real sub-command and carries every override's value."""
     from pathlib import Path
+
+    from cdp.bench import COMMAND
     specs = sorted((Path(__file__).resolve().parents[1] / "configs" / "experiments").glob("*.yaml"))
     assert len(specs) >= 8
     for path in specs:
         spec = load_spec(path)
         cells = expand(spec)
         assert cells and len(cells) == len({c.out for c in cells}), path.name
+        for algo in spec.algos:
+            c = next(c for c in cells if c.algo == algo)
+            cfg = flatten(parse_job(COMMAND[spec.job], c.args[1:]).to_dict())
+            for k, v in {**spec.overrides, **spec.algo_overrides.get(algo, {})}.items():
+                assert cfg[k] == v, (path.name, algo, k, cfg[k], v)

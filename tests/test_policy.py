@@ -3,7 +3,8 @@ import torch
 
 from cdp.policy import DiffusionPolicy, DiffusionPolicyConfig
 from cdp.runs import RunDir, load_policy, save_policy
-from cdp.train import TrainConfig, train_policy
+from cdp.training.agents import DiffusionBC
+from cdp.training.trainer import checkpoint_dir, fit
 
 
 def make(contraction=None, **kw):
@@ -19,6 +20,17 @@ def data(n=256):
     return obs, act
 
 
+def train(pol, obs, act, *, steps, batch_size, lr=3e-4, seed=0, lr_schedule="constant", lr_warmup_steps=0, **fit_kw):
+    """Behaviour-clone ``pol`` with :class:`DiffusionBC` and :func:`fit` (one generator for batches and loss draws,
+    as cdp.experiments.il does); returns the agent (``agent.ema.model`` / ``agent.eval_policy``: the EMA policy)."""
+    gen = torch.Generator().manual_seed(seed)
+    agent = DiffusionBC(pol, steps=steps, lr=lr, lr_schedule=lr_schedule, lr_warmup_steps=lr_warmup_steps,
+                        generator=gen)
+    fit(agent, {"observations": obs, "actions": act}, steps=steps, batch_size=batch_size, seed=seed, generator=gen,
+        progress=False, **fit_kw)
+    return agent
+
+
 @pytest.mark.parametrize("contraction", [None, {"weight": 0.1, "margin": 0.1}])
 def test_training_lowers_loss_and_changes_every_parameter(contraction):
     obs, act = data()
@@ -28,9 +40,9 @@ def test_training_lowers_loss_and_changes_every_parameter(contraction):
     g = torch.Generator().manual_seed(1)
     fixed_noise, fixed_k = torch.randn(256, 2, generator=g), torch.randint(1, 6, (256,), generator=g)
     l0, _ = pol.compute_loss(obs, act, noise=fixed_noise, k=fixed_k)
-    train_policy(pol, obs, act, TrainConfig(steps=150, batch_size=64, lr=3e-3, progress=False))
+    train(pol, obs, act, steps=150, batch_size=64, lr=3e-3)
     l1, m = pol.compute_loss(obs, act, noise=fixed_noise, k=fixed_k)
-    assert float(l1) < 0.8 * float(l0)
+    assert float(l1.detach()) < 0.8 * float(l0.detach())
     for k, v in pol.net.state_dict().items():
         assert not torch.equal(v, before[k]), k
     if contraction:
@@ -77,34 +89,50 @@ def test_save_load_gives_identical_actions(tmp_path):
     obs, act = data()
     pol = make({"weight": 0.1})
     pol.fit_normalizers(obs, act)
-    _, ema = train_policy(pol, obs, act, TrainConfig(steps=20, batch_size=32, progress=False))
-    save_policy(tmp_path / "ck", pol, ema, step=20)
-    loaded = load_policy(tmp_path / "ck")
+    agent = train(pol, obs, act, steps=20, batch_size=32, run=RunDir(tmp_path / "run", tensorboard=False))
+    save_policy(tmp_path / "ck", pol, agent.ema, step=20)
     noise = torch.randn(5, 2)
-    a1 = ema.model.sample(obs[:5], noise=noise, generator=torch.Generator().manual_seed(0))
-    a2 = loaded.sample(obs[:5], noise=noise, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(a1, a2)
-    assert loaded.config == pol.config
+    a1 = agent.eval_policy.sample(obs[:5], noise=noise, generator=torch.Generator().manual_seed(0))
+    # the saved policy and the trainer's own checkpoint both reload as the EMA policy
+    for ck in (tmp_path / "ck", checkpoint_dir(tmp_path / "run")):
+        loaded = load_policy(ck)
+        a2 = loaded.sample(obs[:5], noise=noise, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(a1, a2), ck
+        assert loaded.config == pol.config
 
 
 def test_resume_equals_uninterrupted(tmp_path):
     obs, act = data()
-    cfgs = dict(batch_size=32, progress=False, ckpt_every=10, log_every=5)
+    kw = dict(batch_size=32, ckpt_every=10, log_every=5, identity={"run": "r"})
     ref = make({"weight": 0.1})
     ref.fit_normalizers(obs, act)
     init = {k: v.clone() for k, v in ref.state_dict().items()}
-    train_policy(ref, obs, act, TrainConfig(steps=30, **cfgs), run=RunDir(tmp_path / "a", tensorboard=False))
+    ref_agent = train(ref, obs, act, steps=30, run=RunDir(tmp_path / "a", tensorboard=False), **kw)
     part = make({"weight": 0.1})
     part.load_state_dict(init)
     run = RunDir(tmp_path / "b", tensorboard=False)
-    train_policy(part, obs, act, TrainConfig(steps=20, **cfgs), run=run)  # "killed" after 20 steps
+    train(part, obs, act, steps=20, run=run, **kw)  # stopped after 20 steps (a run whose train.steps then grows)
+
+    def die(step, agent):
+        if step == 25:
+            raise KeyboardInterrupt
+
+    mid = make({"weight": 0.1})
+    mid.load_state_dict(init)
+    with pytest.raises(KeyboardInterrupt):  # resumed at 20, killed at 25 (no checkpoint after 20)
+        train(mid, obs, act, steps=30, run=run, callback=die, **kw)
     resumed = make({"weight": 0.1})
     resumed.load_state_dict(init)
-    train_policy(resumed, obs, act, TrainConfig(steps=30, **cfgs), run=run)
+    agent = train(resumed, obs, act, steps=30, run=run, **kw)
     for k, v in ref.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+    for k, v in ref_agent.ema.model.state_dict().items():
+        assert torch.equal(v, agent.ema.model.state_dict()[k]), k
     steps = [r["step"] for r in run.read_metrics()]
     assert steps[-1] == 30
+    # a checkpoint of another run (other identity) is refused, naming the differing key
+    with pytest.raises(ValueError, match="run: 'r' there, 'other' now"):
+        train(make({"weight": 0.1}), obs, act, steps=40, run=run, **{**kw, "identity": {"run": "other"}})
 
 
 def test_select_action_queues_a_chunk():
@@ -178,15 +206,15 @@ def test_lr_schedule_closed_form_and_ema_power():
     import math
 
     from cdp.policy import EMA
-    from cdp.train import lr_at
+    from cdp.training.trainer import lr_at
 
-    c = TrainConfig(steps=1000, lr=1e-3, lr_schedule="cosine", lr_warmup_steps=100)
-    assert lr_at(0, c) == pytest.approx(1e-5) and lr_at(99, c) == pytest.approx(1e-3)
-    assert lr_at(100, c) == pytest.approx(1e-3) and lr_at(550, c) == pytest.approx(5e-4)
-    assert lr_at(999, c) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 899 / 900)))
-    assert lr_at(500, TrainConfig(lr=2e-4)) == 2e-4
+    c = dict(lr=1e-3, steps=1000, schedule="cosine", warmup=100)
+    assert lr_at(0, **c) == pytest.approx(1e-5) and lr_at(99, **c) == pytest.approx(1e-3)
+    assert lr_at(100, **c) == pytest.approx(1e-3) and lr_at(550, **c) == pytest.approx(5e-4)
+    assert lr_at(999, **c) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 899 / 900)))
+    assert lr_at(500, 2e-4, 1000) == 2e-4
     with pytest.raises(ValueError, match="lr_schedule"):
-        TrainConfig(lr_schedule="linear")
+        DiffusionBC(make(), steps=1000, lr=1e-3, lr_schedule="linear")
     # EMA: Diffusion Policy's power schedule, decay_k = min(max, 1 - (1 + k)^-power)
     lin = torch.nn.Linear(1, 1, bias=False)
     ema = EMA(lin, 0.9999, power=0.75)
@@ -204,14 +232,13 @@ def test_lr_schedule_closed_form_and_ema_power():
 
 def test_cosine_schedule_resume_equals_uninterrupted(tmp_path):
     obs, act = data()
-    cfg = TrainConfig(steps=30, batch_size=32, progress=False, ckpt_every=10, log_every=5, lr=3e-3,
-                      lr_schedule="cosine", lr_warmup_steps=5)
+    cfg = dict(steps=30, batch_size=32, ckpt_every=10, log_every=5, lr=3e-3, lr_schedule="cosine", lr_warmup_steps=5)
     ref = make(ema_power=0.75, ema_decay=0.999)
     ref.fit_normalizers(obs, act)
     init = {k: v.clone() for k, v in ref.state_dict().items()}
-    train_policy(ref, obs, act, cfg, run=RunDir(tmp_path / "a", tensorboard=False))
+    ref_agent = train(ref, obs, act, run=RunDir(tmp_path / "a", tensorboard=False), **cfg)
 
-    def die(step, *_):
+    def die(step, agent):
         if step == 25:
             raise KeyboardInterrupt
 
@@ -219,12 +246,14 @@ def test_cosine_schedule_resume_equals_uninterrupted(tmp_path):
     part.load_state_dict(init)
     run = RunDir(tmp_path / "b", tensorboard=False)
     with pytest.raises(KeyboardInterrupt):
-        train_policy(part, obs, act, cfg, run=run, callback=die)  # killed at step 25; last checkpoint at 20
+        train(part, obs, act, run=run, callback=die, **cfg)  # killed at step 25; last checkpoint at 20
     resumed = make(ema_power=0.75, ema_decay=0.999)
     resumed.load_state_dict(init)
-    _, ema = train_policy(resumed, obs, act, cfg, run=run)
+    agent = train(resumed, obs, act, run=run, **cfg)
     for k, v in ref.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+    for k, v in ref_agent.ema.model.state_dict().items():
+        assert torch.equal(v, agent.ema.model.state_dict()[k]), k
     lrs = [r["train/lr"] for r in run.read_metrics() if "train/lr" in r]
     assert lrs[0] == pytest.approx(3e-3) and lrs[-1] < 1e-4  # warm-up done by step 5, decayed to ~0 at 30
 

@@ -1,9 +1,12 @@
 import json
 
+import pytest
 import torch
 
+from cdp.cli import main
+from cdp.config import apply, base_config
 from cdp.diagnostics import off_support_fraction
-from cdp.toy import MODE_CENTRES, ToyConfig, run_toy, toy_metrics
+from cdp.experiments.toy import MODE_CENTRES, run_toy, toy_metrics, validate
 
 
 def test_toy_metrics_exact_cases():
@@ -17,13 +20,49 @@ def test_toy_metrics_exact_cases():
 
 
 def test_toy_job_writes_figure_and_tables(tmp_path):
-    cfg = ToyConfig(steps=40, snapshots=2, n_data=512, n_eval=100, hidden=32, num_steps=5, batch_size=64,
-                    variants=["standard", "cdp_all"])
-    res = run_toy(cfg, tmp_path, progress=False)
+    cfg = apply(base_config("toy"), {
+        "out": str(tmp_path), "train.steps": 40, "eval.snapshots": 2, "data.n_data": 512, "eval.n_samples": 100,
+        "policy.network.hidden": 32, "policy.schedule.num_steps": 5, "train.batch_size": 64,
+        "algo.variants": ["standard", "cdp_all"], "train.progress": False})
+    res = run_toy(cfg, log=lambda *a: None)
     for f in ("toy_samples.png", "toy_lambda.png", "toy_table.md", "toy_results.json", "config.yaml", "metrics.jsonl"):
         assert (tmp_path / f).exists(), f
     saved = json.loads((tmp_path / "toy_results.json").read_text())
     assert set(saved["variants"]) == {"standard", "cdp_all"}
+    assert saved["config"]["train"]["steps"] == 40 and saved["config"]["algo"]["variants"] == ["standard", "cdp_all"]
+    assert saved["snap_steps"] == [20, 40]
     for m in res["variants"].values():
         assert 0 <= m["off_support"] <= 1 and m["div_ratio_median"] >= 0 and m["div_bound_median"] >= 0
     assert "CDP (all steps)" in (tmp_path / "toy_table.md").read_text()
+    with pytest.raises(ValueError, match="finished cdp toy run"):  # a finished folder is not overwritten
+        run_toy(cfg, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("change, msg", [
+    ({"algo.variants": ["standard", "cdp_some"]}, "algo.variants"),
+    ({"algo.variants": []}, "algo.variants"),
+    ({"eval.snapshots": 0}, "eval.snapshots"),
+    ({"train.steps": 3, "eval.snapshots": 4}, "eval.snapshots"),
+    ({"data.mode_std": 0.0}, "data.mode_std"),
+    ({"data.n_data": 3}, "data.n_data"),
+    ({"eval.n_samples": 5}, "eval.n_samples"),
+])
+def test_toy_settings_out_of_range_are_refused(change, msg):
+    with pytest.raises(ValueError, match=msg):
+        validate(apply(base_config("toy"), change))
+
+
+def test_toy_cli(tmp_path, capsys):
+    out = tmp_path / "toy"
+    argv = ["toy", "--out", str(out), "--train.steps", "4", "--train.progress", "False", "--eval.snapshots", "1",
+            "--data.n_data", "64", "--eval.n_samples", "20", "--policy.network.hidden", "8",
+            "--policy.schedule.num_steps", "3", "--train.batch_size", "16", "--algo.variants", "standard",
+            "--log.tensorboard", "False"]
+    assert main(argv) == 0
+    assert "standard diffusion" in capsys.readouterr().out
+    cfg = json.loads((out / "toy_results.json").read_text())["config"]
+    assert cfg["job"] == "toy" and cfg["train"]["steps"] == 4 and cfg["algo"]["variants"] == ["standard"]
+    assert main(argv) == 2  # a finished folder: one clear line, nothing overwritten
+    assert "finished cdp toy run" in capsys.readouterr().err
+    assert main(["toy", "--out", str(tmp_path / "t2"), "--algo.eta", "0.5"]) == 2  # a key the toy job does not read
+    assert "--algo.eta does not apply to cdp toy" in capsys.readouterr().err

@@ -59,6 +59,8 @@ MAIN_METRIC = {"rl": ("normalized score", True), "il": ("mean max-coverage (Push
 #: flags fixed by the grid: not allowed in ``overrides``
 GRID_FLAGS = {"out", "job", "checkpoint", "train.seed", "data.fraction", "algo.name", "algo.variants", "data.env",
               "data.task", "data.path", "train.progress"}
+#: rl keys that make the shared generated dataset (:meth:`Spec.rl_dataset`): one value per spec, in ``overrides``
+SHARED_DATA_KEYS = {"data.size", "data.action_noise", "data.seed"}
 DEFAULT_BASELINES = {"cdp": "edp", "cdp_dql": "dql", "cdp_idql": "idql", "cdp_dbc": "dbc", "cdp_unet": "dp_unet",
                      "cdp_dit": "dp_dit", "cdp_all": "standard", "cdp_low10": "standard"}
 SPEC_KEYS = {"name", "job", "out", "algos", "datasets", "fractions", "seeds", "overrides", "baselines", "workers",
@@ -104,20 +106,21 @@ class Spec:
         return cfg, (Path(self.data.get("root", "runs/data")) / m.group(1)).absolute()
 
     def il_demos(self, task: str) -> Path | None:
-        """il, robosuite tasks (lift / can) without an ``hdf5`` override: the scripted-demo file every cell reads
-        (``--hdf5``), ``<data.root>/<task><n_demos>_seed<seed>.hdf5``, made before the grid by
+        """il, robosuite tasks (lift / can): the scripted-demo file every cell reads
+        (``--data.path``), ``<data.root>/<task><n_demos>_seed<seed>.hdf5``, made before the grid by
         :func:`cdp.data.robosuite_demos.generate_robosuite_demos` when missing."""
-        if self.job != "il" or task not in ("lift", "can") or self.overrides.get("hdf5"):
+        if self.job != "il" or task not in ("lift", "can") or self.overrides.get("data.path"):
             return None
         d = self.data
         name = f"{task}{int(d.get('n_demos', 200))}_seed{int(d.get('seed', 0))}.hdf5"
         return (Path(d.get("root", "runs/data")) / name).absolute()
 
     def rl_dataset(self, env: str) -> Path | None:
-        """rl with ``shared_dataset`` (default) and no ``dataset`` override: the one dataset every cell of ``env``
-        reads (``--dataset``), made once before the grid — a D4RL-named MuJoCo dataset (``hopper-medium-replay``) by
-        :func:`cdp.data.mujoco.generate_mujoco_datasets`, otherwise the PointMaze dataset ``cdp rl`` would generate."""
-        if self.job != "rl" or not self.shared_dataset or self.overrides.get("dataset"):
+        """rl with ``shared_dataset`` (default): the one dataset every cell of ``env``
+        reads (``--data.path``), made once before the grid — a D4RL-named MuJoCo dataset (``hopper-medium-replay``) by
+        :func:`cdp.data.mujoco.generate_mujoco_datasets`, otherwise the PointMaze dataset ``cdp rl`` would generate
+        (from the ``data.size`` / ``data.action_noise`` / ``data.seed`` overrides)."""
+        if self.job != "rl" or not self.shared_dataset or self.overrides.get("data.path"):
             return None
         md = self.mujoco_data(env)
         if md is not None:
@@ -126,8 +129,8 @@ class Spec:
             cfg, folder = md
             return dataset_path(folder, cfg.env_id, LOCOMOTION_NAME.fullmatch(env).group(2))
         o = self.overrides
-        name = (f"dataset_{env}_n{int(o.get('dataset_size', 50_000))}_noise{float(o.get('action_noise', 0.0)):g}"
-                f"_seed{int(o.get('dataset_seed', 0))}.hdf5")
+        name = (f"dataset_{env}_n{int(o.get('data.size', 50_000))}_noise{float(o.get('data.action_noise', 0.0)):g}"
+                f"_seed{int(o.get('data.seed', 0))}.hdf5")
         return (self.root / "_data" / name).absolute()
 
     @property
@@ -142,8 +145,7 @@ def _check_overrides(job: str, algo: str, overrides: dict[str, Any]) -> None:
     from .config import apply, base_config, resolve
 
     cfg = apply(base_config(job, algo if job != "toy" else None), overrides)
-    if job == "toy":
-        cfg = apply(cfg, {"algo.variants": [algo]})
+    cfg = apply(cfg, {"algo.variants": [algo]} if job == "toy" else {"algo.name": algo})  # as the cell's flag does
     resolve(job, cli=cfg)
 
 
@@ -228,6 +230,10 @@ def parse_spec(data: dict, where: str = "spec", check_flags: bool = True) -> Spe
         fixed = sorted(set(ov) & GRID_FLAGS)
         if fixed:
             raise ValueError(f"{where}: {what} may not set {fixed}: the grid sets them")
+    shared_keys = sorted({k for d in per_algo.values() for k in d} & SHARED_DATA_KEYS)
+    if job == "rl" and data.get("shared_dataset", True) and shared_keys:
+        raise ValueError(f"{where}: algo_overrides may not set {shared_keys}: the shared dataset of each env is made "
+                         f"once from 'overrides' (or set shared_dataset: false)")
     if check_flags:
         for a in algos:
             try:
@@ -414,8 +420,9 @@ def prepare_rl_datasets(spec: Spec, envs, log=print) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         log(f"generating the shared dataset {path}")
         t0 = time.time()
-        generate_maze_dataset(env, n_steps=int(o.get("dataset_size", 50_000)), seed=int(o.get("dataset_seed", 0)),
-                              action_noise=float(o.get("action_noise", 0.0)), path=path, ref_episodes=0, progress=False)
+        generate_maze_dataset(env, n_steps=int(o.get("data.size", 50_000)), seed=int(o.get("data.seed", 0)),
+                              action_noise=float(o.get("data.action_noise", 0.0)), path=path, ref_episodes=0,
+                              progress=False)
         log(f"  done in {time.time() - t0:.0f} s")
 
 
@@ -638,6 +645,9 @@ def tables_markdown(spec: Spec, rows: list[dict], summary: list[dict]) -> str:
              f"{label} ({'higher' if higher else 'lower'} is better). Checkpoint evaluated: the final one.", ""]
     if spec.overrides:
         lines += ["Overrides: " + ", ".join(f"`{k}={v}`" for k, v in spec.overrides.items()), ""]
+    for algo, ov in spec.algo_overrides.items():
+        if ov:
+            lines += [f"Overrides of {algo} only: " + ", ".join(f"`{k}={v}`" for k, v in ov.items()), ""]
     lines += ["## Main metric", "",
               f"| algo | dataset | fraction | n | {label} | IQM | 95% CI | success | train s / 1k steps |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -91,12 +91,12 @@ def run_toy(cfg: ExperimentConfig, log=print) -> dict:
     seed, n_data, mode_std = cfg.train.seed, cfg.data.n_data, cfg.data.mode_std
     device = resolve_device(cfg.train.device)
     torch.manual_seed(seed)
-    out_dir = Path(cfg.out)
+    out_dir = Path(cfg.out if cfg.out is not None else "runs/toy")  # ExperimentConfig.out: None means runs/<job>
     if (out_dir / "toy_results.json").exists():
         raise ValueError(f"{out_dir} holds a finished cdp toy run; choose a new --out")
     for name in cfg.algo.variants:  # an interrupted toy run restarts its variants (minutes of work)
         shutil.rmtree(out_dir / name, ignore_errors=True)
-    run = RunDir(out_dir, config=cfg.to_dict(), tensorboard=cfg.log.tensorboard)
+    run = RunDir(out_dir, config=cfg.to_dict(), tensorboard=cfg.log.tensorboard, lock=True)
     gen = torch.Generator().manual_seed(seed)
     data, _ = make_toy_data(n_data, mode_std, gen)
     obs = torch.zeros(n_data, 1)
