@@ -134,8 +134,9 @@ def test_cdp_rl_on_a_generated_hopper_dataset(tmp_path):
     paths = generate_mujoco_datasets(MujocoDataConfig(max_steps=150, medium_score=-1e4, **TINY),
                                      tmp_path / "d", progress=False, log=lambda s: None)
     out = tmp_path / "run"
-    rc = main(["rl", "--algo", "cdp", "--dataset", str(paths["medium-replay"]), "--steps", "3", "--eval-episodes", "2",
-               "--eval-every", "3", "--threads", "1", "--no-progress", "--out", str(out)])
+    rc = main(["rl", "--algo.name", "cdp", "--data.path", str(paths["medium-replay"]), "--train.steps", "3",
+               "--eval.episodes", "2", "--eval.every", "3", "--train.threads", "1", "--train.progress", "False",
+               "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["env"] == "Hopper-v5" and res["steps"] == 3 and res["success_rate"] is None

@@ -1,6 +1,9 @@
-"""Offline-RL algorithms (BC, EDP, CDP, Diffusion-QL, IDQL and their CDP variants) and their trainer on a tiny
-synthetic dataset (CPU, seconds)."""
+"""Offline-RL algorithms (BC, EDP, CDP, Diffusion-QL, IDQL and their CDP variants), the trainer loop
+(:func:`cdp.training.trainer.fit`) on a tiny synthetic dataset, and ``cdp rl`` (:mod:`cdp.experiments.rl`) on a tiny
+PointMaze dataset (CPU, seconds)."""
 
+import dataclasses
+import json
 import math
 
 import numpy as np
@@ -10,8 +13,9 @@ import torch
 from cdp.data.rl import OfflineDataset
 from cdp.rl import ALGOS as REGISTERED
 from cdp.rl import make_agent
-from cdp.rl.trainer import RLTrainConfig, load_agent, save_agent, train_offline
+from cdp.experiments.rl import dataset_tensors, load_agent
 from cdp.runs import RunDir
+from cdp.training.trainer import checkpoint_dir, fit
 
 ALGOS = list(REGISTERED)
 CONTRACTION = {"loss": "hinge", "weight": 0.1, "margin": 0.5}
@@ -106,12 +110,11 @@ def test_update_changes_every_actor_and_critic_parameter(algo):
 
 @pytest.mark.parametrize("algo", ALGOS)
 def test_save_load_gives_identical_actions(algo, tmp_path):
+    """fit's checkpoint (agent.modules() + checkpoint_meta()) rebuilds an agent that acts identically."""
     ds = tiny_dataset()
-    ag = agent_for(algo, ds)
-    for _ in range(3):
-        ag.update(batch_of(ds))
-    save_agent(tmp_path / "ck", ag, step=3)
-    ag2, meta = load_agent(tmp_path / "ck")
+    ag = make_agent(algo, ds.obs_dim, ds.act_dim, dict(SMALL[algo]))
+    fit(ag, dataset_tensors(ds), steps=3, batch_size=32, run=RunDir(tmp_path, tensorboard=False), progress=False)
+    ag2, meta = load_agent(checkpoint_dir(tmp_path))
     assert meta["step"] == 3 and meta["algo"] == algo
     obs = torch.as_tensor(ds.observations[:16])
     a1 = ag.act(obs, generator=torch.Generator().manual_seed(7))
@@ -123,14 +126,15 @@ def test_save_load_gives_identical_actions(algo, tmp_path):
 @pytest.mark.parametrize("algo", ALGOS)
 def test_resume_equals_uninterrupted(algo, tmp_path):
     ds = tiny_dataset()
-    cfg = dict(batch_size=32, seed=3, log_every=2, progress=False)
+    data = dataset_tensors(ds)
+    kw = dict(batch_size=32, seed=3, log_every=2, progress=False, identity={"algo": algo})
     full = make_agent(algo, ds.obs_dim, ds.act_dim, dict(SMALL[algo]), seed=1)
-    train_offline(full, ds, RLTrainConfig(steps=6, **cfg), RunDir(tmp_path / "a", tensorboard=False))
+    fit(full, data, steps=6, run=RunDir(tmp_path / "a", tensorboard=False), **kw)
     part = make_agent(algo, ds.obs_dim, ds.act_dim, dict(SMALL[algo]), seed=1)
-    train_offline(part, ds, RLTrainConfig(steps=3, **cfg), RunDir(tmp_path / "b", tensorboard=False))
+    fit(part, data, steps=3, run=RunDir(tmp_path / "b", tensorboard=False), **kw)
     resumed = make_agent(algo, ds.obs_dim, ds.act_dim, dict(SMALL[algo]), seed=99)  # init overwritten by resume
-    res = train_offline(resumed, ds, RLTrainConfig(steps=6, **cfg), RunDir(tmp_path / "b", tensorboard=False))
-    assert res["step"] == 6
+    res = fit(resumed, data, steps=6, run=RunDir(tmp_path / "b", tensorboard=False), **kw)
+    assert res["step"] == 6 and res["start"] == 3
     for name, m in full.modules().items():
         sd_full, sd_res = m.state_dict(), resumed.modules()[name].state_dict()
         for k in sd_full:
@@ -144,67 +148,257 @@ def test_nan_reward_raises_clear_error():
     ds.rewards[5] = np.nan  # corrupted after construction (the constructor itself rejects NaN)
     ag = make_agent("edp", ds.obs_dim, ds.act_dim, dict(SMALL["edp"]))
     with pytest.raises(ValueError, match="rewards contains NaN"):
-        train_offline(ag, ds, RLTrainConfig(steps=2, progress=False))
+        fit(ag, dataset_tensors(ds), steps=2, batch_size=16, progress=False)
     b = batch_of(ds, 8)
     with pytest.raises(ValueError, match=r"batch\['rewards'\] contains NaN"):
         ag.update(b)
 
 
-def test_cli_registers_rl():
-    from cdp.cli import build_parser
-
-    args = build_parser().parse_args(["rl", "--algo", "edp", "--fraction", "0.1", "--steps", "10", "--seed", "2"])
-    assert args.command == "rl" and args.algo == "edp" and args.fraction == 0.1 and args.steps == 10
-    assert args.func.__name__ == "run_rl"
-    for algo in REGISTERED:
-        assert build_parser().parse_args(["rl", "--algo", algo]).algo == algo
-
-
-def test_rl_config_file_with_command_line_overrides(tmp_path, capsys):
-    """cdp rl --config: defaults < YAML < explicit flags; unknown keys and missing files give one clear error."""
-    import json
-
-    import yaml
-    from cdp.cli import build_parser, main
-    from cdp.cli_rl import resolve_config
-    from cdp.data.maze import generate_maze_dataset
-
-    data = tmp_path / "maze.hdf5"
-    generate_maze_dataset("PointMaze_UMaze-v3", n_steps=600, seed=0, path=data, ref_episodes=0, progress=False)
-    cfg = tmp_path / "rl.yaml"
-    cfg.write_text(yaml.safe_dump({"algo": "bc", "steps": 7, "eval-episodes": 1, "dataset": str(data), "seed": 3}))
-    args = build_parser().parse_args(["rl", "--config", str(cfg), "--steps", "2"])
-    resolve_config(args)
-    assert (args.algo, args.steps, args.eval_episodes, args.seed, args.batch_size) == ("bc", 2, 1, 3, 256)
-    out = tmp_path / "run"
-    assert main(["rl", "--config", str(cfg), "--steps", "2", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
-    res = json.loads((out / "results.json").read_text())
-    assert res["algo"] == "bc" and res["steps"] == 2 and res["seed"] == 3 and res["episodes"] == 1
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("algo: bc\nlearning_rate: 3\n")
-    assert main(["rl", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
-    assert "not cdp rl flags: ['learning_rate']" in capsys.readouterr().err
-    assert main(["rl", "--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "y")]) == 2
-    assert "config file not found" in capsys.readouterr().err
-    assert main(["rl", "--config", str(cfg), "--compile", "--out", str(tmp_path / "z")]) == 2  # bc has no diffusion
-    assert "do not apply to --algo bc" in capsys.readouterr().err
+def test_resume_with_other_settings_is_refused(tmp_path):
+    ds = tiny_dataset()
+    data = dataset_tensors(ds)
+    kw = dict(steps=2, batch_size=16, progress=False)
+    fit(make_agent("bc", 3, 2, dict(SMALL["bc"])), data, run=RunDir(tmp_path, tensorboard=False),
+        identity={"algo.name": "bc"}, **kw)
+    with pytest.raises(ValueError, match="holds a different run.*algo.name: 'bc' there, 'edp' now"):
+        fit(make_agent("edp", 3, 2, dict(SMALL["edp"])), data, run=RunDir(tmp_path, tensorboard=False),
+            identity={"algo.name": "edp"}, **kw)
 
 
 def test_compile_reaches_the_actor_config():
-    """The RL configs' ``compile`` flag (cdp rl --compile) reaches the diffusion actor's policy config."""
+    """The RL configs' ``compile`` flag (cdp rl --train.compile True) reaches the diffusion actor's policy config."""
+    from cdp.config import apply, base_config
+    from cdp.experiments.rl import agent_config
     from cdp.rl import make_config
 
     for algo in ("edp", "cdp", "idql", "cdp_idql"):
         cfg = make_config(algo, {"compile": True})
         assert cfg.policy_config(5, 2).compile is True and make_config(algo).policy_config(5, 2).compile is False
+        tree = apply(base_config("rl", algo), {"algo.name": algo})  # base_config leaves algo.name at the job's
+        assert agent_config(apply(tree, {"train.compile": True})).policy_config(5, 2).compile is True
+        assert agent_config(tree).policy_config(5, 2).compile is False
 
 
-def test_resume_with_other_settings_is_refused(tmp_path):
-    ds = tiny_dataset()
-    cfg = RLTrainConfig(steps=2, batch_size=16, progress=False)
-    train_offline(make_agent("bc", 3, 2, dict(SMALL["bc"])), ds, cfg, RunDir(tmp_path, tensorboard=False))
-    with pytest.raises(ValueError, match="holds a different run"):
-        train_offline(make_agent("edp", 3, 2, dict(SMALL["edp"])), ds, cfg, RunDir(tmp_path, tensorboard=False))
+# ------------------------------------------------------------------------------------------------ cdp rl
+#: a small diffusion run of ``cdp rl`` (CPU, seconds)
+SMALL_FLAGS = ["--policy.network.hidden", "32", "--policy.network.layers", "2", "--policy.schedule.num_steps", "10",
+               "--policy.num_inference_steps", "3", "--algo.num_candidates", "4", "--train.batch_size", "32"]
+
+
+@pytest.fixture(scope="module")
+def maze_data(tmp_path_factory):
+    pytest.importorskip("gymnasium_robotics")
+    from cdp.data.maze import generate_maze_dataset
+
+    path = tmp_path_factory.mktemp("maze") / "maze.hdf5"
+    generate_maze_dataset("PointMaze_UMaze-v3", n_steps=600, seed=0, path=path, ref_episodes=0, progress=False)
+    return path
+
+
+def rl_argv(out, data, *extra) -> list[str]:
+    return ["rl", "--out", str(out), "--data.path", str(data), "--eval.episodes", "1", "--train.threads", "1",
+            "--train.progress", "False", "--log.tensorboard", "False", *map(str, extra)]
+
+
+def test_cli_registers_rl(monkeypatch):
+    """``cdp rl`` parses dotted flags into the config tree and hands it to cdp.experiments.rl.run_rl."""
+    import cdp.experiments.rl as rl_job
+    from cdp.cli import main, parse_job
+
+    cfg = parse_job("rl", ["--algo.name", "edp", "--data.fraction", "0.1", "--train.steps", "10", "--train.seed", "2"])
+    assert (cfg.job, cfg.algo.name, cfg.data.fraction, cfg.train.steps, cfg.train.seed) == ("rl", "edp", 0.1, 10, 2)
+    for algo in REGISTERED:
+        assert parse_job("rl", ["--algo.name", algo]).algo.name == algo
+    seen = []
+    monkeypatch.setattr(rl_job, "run_rl", lambda c, log=print: seen.append(c) or {})
+    assert main(["rl", "--algo.name", "idql", "--train.steps", "3", "--train.threads", "1"]) == 0
+    assert [(c.algo.name, c.train.steps) for c in seen] == [("idql", 3)]
+    with pytest.raises(SystemExit) as e:  # an unknown flag: tyro prints the usage
+        parse_job("rl", ["--steps", "3"])
+    assert e.value.code == 2
+
+
+def test_rl_config_file_with_command_line_overrides(tmp_path, capsys, maze_data):
+    """cdp rl --config: defaults < presets < YAML (nested or dotted keys) < explicit flags; unknown keys, missing
+    files and keys the algorithm does not read give one clear error."""
+    import yaml
+    from cdp.cli import main, parse_job
+
+    cfg = tmp_path / "rl.yaml"
+    cfg.write_text(yaml.safe_dump({"algo": {"name": "bc"}, "train": {"steps": 7, "seed": 3}, "eval.episodes": 1,
+                                   "data": {"path": str(maze_data)}}))
+    c = parse_job("rl", ["--config", str(cfg), "--train.steps", "2"])
+    assert (c.algo.name, c.train.steps, c.eval.episodes, c.train.seed, c.train.batch_size) == ("bc", 2, 1, 3, 256)
+    out = tmp_path / "run"
+    assert main(["rl", "--config", str(cfg), "--train.steps", "2", "--train.threads", "1", "--train.progress", "False",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["algo"] == "bc" and res["steps"] == 2 and res["seed"] == 3 and res["episodes"] == 1
+    capsys.readouterr()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algo: {name: bc}\nlearning_rate: 3\n")
+    assert main(["rl", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cdp rl: error: ") and "unknown config key learning_rate" in err
+    assert main(["rl", "--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "y")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["rl", "--config", str(cfg), "--train.compile", "True", "--out", str(tmp_path / "z")]) == 2  # bc: no diffusion
+    assert "--train.compile does not apply to cdp rl with algo.name bc" in capsys.readouterr().err
+    assert main(["rl", "--algo.name", "idql", "--algo.eta", "2", "--out", str(tmp_path / "w")]) == 2
+    assert "--algo.eta does not apply to cdp rl with algo.name idql" in capsys.readouterr().err
+    assert main(["rl", "--algo.name", "edp", "--policy.contraction.weight", "0.5", "--out", str(tmp_path / "v")]) == 2
+    assert "--policy.contraction.weight does not apply to cdp rl with algo.name edp" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "xyzwv")
+
+
+def test_saved_config_reruns_the_run(tmp_path, capsys, maze_data):
+    """A run folder's config.yaml re-runs the run: it resumes the finished checkpoint (no training step, no new
+    checkpoint) and reports the same results; more steps in the file (or a flag) continue it."""
+    import yaml
+    from cdp.cli import main
+
+    out = tmp_path / "run"
+    assert main(rl_argv(out, maze_data, "--algo.name", "cdp", "--train.steps", "3", "--train.log_every", "1",
+                        "--eval.every", "3", *SMALL_FLAGS)) == 0
+    ck = checkpoint_dir(out)
+    first = json.loads((out / "results.json").read_text())
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["job"] == "rl" and saved["out"] == str(out) and saved["algo"]["name"] == "cdp"
+    assert saved["policy"]["network"]["hidden"] == 32 and saved["train"]["steps"] == 3
+    stamp = {f.name: f.stat().st_mtime_ns for f in ck.iterdir()}
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+
+    assert main(["rl", "--config", str(out / "config.yaml")]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert {f.name: f.stat().st_mtime_ns for f in ck.iterdir()} == stamp  # no new checkpoint
+    new_rows = (out / "metrics.jsonl").read_text().splitlines()[len(rows):]
+    assert not any(k.startswith("train/") for r in new_rows for k in json.loads(r))  # no training step
+    drop = lambda r: {k: v for k, v in r.items() if k != "timing"}  # noqa: E731
+    assert drop(again) == drop(first) and again["steps"] == 3 and [e["step"] for e in again["evals"]] == [3]
+    assert yaml.safe_load((out / "config.yaml").read_text()) == saved
+    assert main(["rl", "--config", str(out / "config.yaml"), "--train.steps", "4", "--eval.every", "0"]) == 0
+    more = json.loads((out / "results.json").read_text())
+    assert more["steps"] == 4 and json.loads((ck / "policy.json").read_text())["step"] == 4
+    train_steps = [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()
+                   if any(k.startswith("train/") for k in json.loads(r))]
+    assert train_steps == [1, 2, 3, 4]
+
+
+def test_cli_resume_equals_uninterrupted_and_other_settings_are_refused(tmp_path, capsys, maze_data):
+    """cdp rl with the same --out resumes (2 + 2 steps == 4 steps, bit for bit); other settings are refused before
+    anything is written, naming the differing keys."""
+    from safetensors.torch import load_file
+    from cdp.cli import main
+
+    base = ["--algo.name", "bc", "--policy.network.hidden", "32", "--train.batch_size", "32", "--train.seed", "1"]
+    assert main(rl_argv(tmp_path / "full", maze_data, *base, "--train.steps", "4")) == 0
+    assert main(rl_argv(tmp_path / "part", maze_data, *base, "--train.steps", "2")) == 0
+    assert main(rl_argv(tmp_path / "part", maze_data, *base, "--train.steps", "4")) == 0
+    a, b = load_file(str(checkpoint_dir(tmp_path / "full") / "model.safetensors")), \
+        load_file(str(checkpoint_dir(tmp_path / "part") / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full, part = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("full", "part"))
+    assert part["steps"] == 4 and part["normalized_score_mean"] == full["normalized_score_mean"]
+    capsys.readouterr()
+    out = tmp_path / "part"
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    for flags, named in ((["--train.batch_size", "16"], "train.batch_size: 32 there, 16 now"),
+                         (["--algo.name", "edp"], "algo.name: 'bc' there, 'edp' now"),
+                         (["--data.fraction", "0.5"], "data.fraction: 1.0 there, 0.5 now")):
+        argv = rl_argv(out, maze_data, *(base + ["--train.steps", "6"] + flags))
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("cdp rl: error: ") and "holds a different run" in err and named in err, err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamp
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data.fraction", "1.5"], r"data.fraction must be in \(0, 1\], got 1.5"),
+    (["--data.fraction", "0"], r"data.fraction must be in \(0, 1\], got 0"),
+    (["--data.fraction", "nan"], "data.fraction must be a finite number, got nan"),
+    ("yaml: {train: {steps: abc}}", "config key 'train.steps': expected an integer, got 'abc'"),
+    ("yaml: {data: {fraction: .nan}}", "data.fraction must be a finite number, got nan"),
+    (["--train.steps", "-1"], "train.steps must be >= 1, got -1"),
+    (["--eval.episodes", "-1"], "eval.episodes must be >= 0, got -1"),
+    (["--eval.diag_obs", "-2"], "eval.diag_obs must be >= 0, got -2"),
+])
+def test_bad_values_are_refused_before_anything_is_written(tmp_path, capsys, flags, message):
+    """Out-of-range / NaN fractions and mistyped YAML values: one error line, and the out folder is not created
+    (not even the cached PointMaze dataset)."""
+    import re
+
+    from cdp.cli import main
+
+    out = tmp_path / "run"
+    argv = ["rl", "--out", str(out), "--train.steps", "2", "--train.progress", "False"]
+    if isinstance(flags, str):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(flags.removeprefix("yaml: ") + "\n")
+        argv += ["--config", str(cfg)]
+    else:
+        argv += flags
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cdp rl: error: ") and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert not out.exists()
+
+
+def test_eval_episodes_zero_skips_evaluation_and_diag_obs_sets_the_diagnostics(tmp_path, maze_data):
+    """eval.episodes 0 skips the evaluations (scores None, no eval/ metrics); eval.diag_obs N diagnoses N dataset
+    states, 0 none."""
+    from cdp.cli import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(rl_argv(a, maze_data, "--algo.name", "cdp", "--train.steps", "2", "--eval.every", "1",
+                        "--eval.episodes", "0", "--eval.diag_obs", "5", *SMALL_FLAGS)) == 0
+    res = json.loads((a / "results.json").read_text())
+    assert res["normalized_score_mean"] is None and res["evals"] == [] and res["episodes"] == 0
+    assert res["contraction_diagnostics"]["n_states"] == 5
+    assert not any(k.startswith("eval/") for line in (a / "metrics.jsonl").read_text().splitlines()
+                   for k in json.loads(line))
+    assert main(rl_argv(b, maze_data, "--algo.name", "cdp", "--train.steps", "1", "--eval.diag_obs", "0",
+                        *SMALL_FLAGS)) == 0
+    res = json.loads((b / "results.json").read_text())
+    assert res["contraction_diagnostics"] is None and np.isfinite(res["normalized_score_mean"])
+
+
+def test_dataset_of_another_env_is_refused_before_training(tmp_path, capsys):
+    """Hopper-shaped data (obs 11, action 3) with --data.env Walker2d-v5 (obs 17, action 6) is refused before
+    training, naming both dimensions; the same file with its own env loads."""
+    gym = pytest.importorskip("gymnasium")
+    try:
+        gym.make("Walker2d-v5").close()
+        gym.make("Hopper-v5").close()
+    except Exception as e:  # mujoco not installed
+        pytest.skip(f"gymnasium's MuJoCo envs are unavailable: {e}")
+    from cdp.cli import main
+    from cdp.config import apply, base_config
+    from cdp.data.rl import write_d4rl_hdf5
+    from cdp.experiments.rl import load_dataset
+
+    rng = np.random.default_rng(0)
+    n = 40
+    obs = rng.normal(size=(n, 11)).astype(np.float32)
+    ds = OfflineDataset(obs, rng.uniform(-1, 1, (n, 3)).astype(np.float32), rng.normal(size=n).astype(np.float32),
+                        np.roll(obs, -1, 0), np.zeros(n, bool), np.arange(n) % 20 == 19, env_id="Hopper-v5",
+                        ref_min_score=-20.272305, ref_max_score=3234.3)
+    path = write_d4rl_hdf5(ds, tmp_path / "hopper.hdf5")
+    out = tmp_path / "run"
+    assert main(["rl", "--data.path", str(path), "--data.env", "Walker2d-v5", "--algo.name", "bc", "--out", str(out),
+                 "--train.steps", "2", "--train.progress", "False"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cdp rl: error: ") and "holds Hopper-v5 data" in err and "not Walker2d-v5" in err, err
+    assert not out.exists()  # refused before anything (checkpoint, config.yaml) was written
+    # a file that names no env: the dimensions are checked against the env given
+    anon = write_d4rl_hdf5(dataclasses.replace(ds, env_id=None), tmp_path / "anon.hdf5")
+    assert main(["rl", "--data.path", str(anon), "--data.env", "Walker2d-v5", "--algo.name", "bc", "--out", str(out),
+                 "--train.steps", "2", "--train.progress", "False"]) == 2
+    err = capsys.readouterr().err
+    assert "observation dim 11 != env's 17" in err and "action dim 3 != env's 6" in err, err
+    assert not out.exists()
+    cfg = apply(base_config("rl", "bc"), {"algo.name": "bc", "data.path": str(path), "out": str(out)})
+    assert load_dataset(cfg, out).env_id == "Hopper-v5"  # the file's own env: accepted
+    assert load_dataset(apply(cfg, {"data.env": "Hopper-v5"}), out).obs_dim == 11
 
 
 # ------------------------------------------------------------------------------------------------ Diffusion-QL

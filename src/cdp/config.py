@@ -338,7 +338,7 @@ def rl_used_keys(algo: str) -> set[str]:
     return keys | {"data.env", "data.path", "data.fraction", "data.size", "data.action_noise", "data.seed",
                    "train.steps", "train.batch_size", "train.seed", "train.device", "train.precision",
                    "train.threads", "train.log_every", "train.ckpt_every", "train.progress",
-                   "eval.episodes", "eval.every", "eval.seed_start", "eval.diag_obs", "eval.diag_samples"}
+                   "eval.episodes", "eval.every", "eval.seed_start", "eval.diag_obs"}
 
 
 def il_algo_preset(name: str) -> dict[str, Any]:

@@ -76,9 +76,14 @@ def load_dataset(cfg: ExperimentConfig, out: Path, progress: bool = True):
     if d.path:
         if not Path(d.path).is_file():
             raise FileNotFoundError(f"dataset not found: {d.path} (make one with `cdp data mujoco` or `cdp data maze`)")
-        ds = load_d4rl_hdf5(d.path, env_id=d.env)
+        ds = load_d4rl_hdf5(d.path)
+        if d.env is not None and ds.env_id is not None and ds.env_id != d.env:
+            raise ValueError(f"{d.path} holds {ds.env_id} data (its env_id attribute), not {d.env}: its reference scores "
+                             f"and dimensions are {ds.env_id}'s; drop --data.env or pass the matching file")
         if ds.env_id is None:
-            raise ValueError(f"{d.path} names no env (no env_id attribute); pass --data.env, e.g. --data.env Hopper-v5")
+            if d.env is None:
+                raise ValueError(f"{d.path} names no env (no env_id attribute); pass --data.env, e.g. --data.env Hopper-v5")
+            ds = load_d4rl_hdf5(d.path, env_id=d.env)
     else:
         env = d.env or DEFAULT_ENV
         path = out / f"dataset_{env}_n{d.size}_noise{d.action_noise:g}_seed{d.seed}.hdf5"
@@ -196,8 +201,26 @@ def identity_of(cfg: ExperimentConfig, data: dict[str, torch.Tensor]) -> dict[st
     return {**keep, **{f"data_fingerprint.{k}": v for k, v in data_fingerprint(data).items()}}
 
 
+def check_ranges(cfg: ExperimentConfig) -> None:
+    """Range checks of the eval section of an RL run, before anything is read or written (the train ranges are
+    :func:`cdp.config.resolve`'s, ``data.fraction`` :func:`load_dataset`'s).
+
+    Raises:
+        ValueError: naming the key.
+    """
+    for name in ("episodes", "every", "diag_obs"):
+        v = getattr(cfg.eval, name)
+        if v is not None and v < 0:
+            raise ValueError(f"eval.{name} must be >= 0, got {v}")
+
+
 def run_rl(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
-    """Train, evaluate and diagnose one offline-RL run into ``cfg.out``; returns the results dict."""
+    """Train, evaluate and diagnose one offline-RL run into ``cfg.out``; returns the results dict.
+
+    ``eval.episodes`` 0 skips the evaluations (the scores are then None); ``eval.diag_obs`` sets the dataset states
+    of the contraction diagnostics (None: 64; 0: skip).
+    """
+    check_ranges(cfg)
     out = Path(cfg.out)
     device = resolve_device(cfg.train.device)
     t0 = time.perf_counter()
@@ -209,19 +232,23 @@ def run_rl(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
     check_resume(out, identity)  # before anything is written
     agent = make_agent(cfg.algo.name, ds.obs_dim, ds.act_dim, acfg, seed=cfg.train.seed)
     place(agent, device, cfg.train.seed)
-    run = RunDir(out, config=cfg.to_dict(), tensorboard=cfg.log.tensorboard)
+    run = RunDir(out, config=cfg.to_dict(), tensorboard=cfg.log.tensorboard, lock=True)
     log(f"cdp rl: {cfg.algo.name} on {ds.env_id}: {len(ds)} transitions in {ds.n_trajectories} trajectories "
         f"(fraction {cfg.data.fraction:g}), {cfg.train.steps} steps on {device}")
 
     def evaluate(a, step):
         return evaluate_agent(a, ds, cfg.eval.episodes, cfg.eval.seed_start, device)
 
+    if cfg.eval.episodes == 0:
+        evaluate = None
     res = fit(agent, data, steps=cfg.train.steps, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
               device=device, precision=cfg.train.precision, log_every=cfg.train.log_every,
               ckpt_every=cfg.train.ckpt_every, eval_every=cfg.eval.every, evaluate=evaluate, run=run,
               identity=identity, progress=cfg.train.progress, desc=cfg.algo.name)
     t2 = time.perf_counter()
-    if res["evals"] and res["evals"][-1]["step"] == res["step"]:
+    if evaluate is None:
+        ev = {"normalized_score_mean": None, "normalized_score_std": None, "mean_return": None}
+    elif res["evals"] and res["evals"][-1]["step"] == res["step"]:
         ev = res["evals"][-1]
     else:
         ev = evaluate(agent, res["step"])
@@ -229,8 +256,9 @@ def run_rl(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
         run.log(res["step"], {k: v for k, v in ev.items() if isinstance(v, (int, float))}, prefix="eval/")
     t_eval = time.perf_counter() - t2 + res["eval_s"]
     diag = None
-    if cfg.algo.name != "bc":
-        diag = contraction_diagnostics(agent.ema.model, data["observations"], seed=cfg.train.seed)
+    n_diag = 64 if cfg.eval.diag_obs is None else cfg.eval.diag_obs
+    if cfg.algo.name != "bc" and n_diag > 0:
+        diag = contraction_diagnostics(agent.ema.model, data["observations"], n_states=n_diag, seed=cfg.train.seed)
         run.log(res["step"], diag, prefix="diagnostics/")
     obs1 = data["observations"][:1].to(device)
     g_lat = make_generator(cfg.train.seed, device)
@@ -247,8 +275,11 @@ def run_rl(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
     run.write_json("results.json", results)
     run.close()
     succ = "" if ev.get("success_rate") is None else f", success {ev['success_rate']:.2f}"
-    log(f"normalized score: {ev['normalized_score_mean']:.1f} ± {ev['normalized_score_std']:.1f} "
-        f"(return {ev['mean_return']:.1f}{succ}, {cfg.eval.episodes} episodes)")
+    if evaluate is None:
+        log("evaluation skipped (eval.episodes 0)")
+    else:
+        log(f"normalized score: {ev['normalized_score_mean']:.1f} ± {ev['normalized_score_std']:.1f} "
+            f"(return {ev['mean_return']:.1f}{succ}, {cfg.eval.episodes} episodes)")
     if diag is not None:
         log(f"contraction: mean λ̂ {diag['lambda_hat_mean']:+.3f}, max λ̂ {diag['lambda_hat_max']:+.3f}, "
             f"{100 * diag['frac_points_contractive']:.0f}% of trajectory points and "
