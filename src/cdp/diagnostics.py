@@ -17,7 +17,9 @@ All functions work in the policy's normalised action space unless stated and use
 from __future__ import annotations
 
 import math
+import time
 
+import numpy as np
 import torch
 
 from .contraction import sign_and_ratio, symmetric_jacobian_eigvals
@@ -148,3 +150,53 @@ def off_support_fraction(samples: torch.Tensor, reference: torch.Tensor, thresho
         threshold = float(torch.quantile(dd.min(1).values, quantile))
     dist = torch.cdist(samples.double(), ref).min(1).values
     return float((dist > threshold).double().mean())
+
+
+# ------------------------------------------------------------------------------------------------ run summaries
+def _generator_on(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def dataset_state_diagnostics(policy, observations: torch.Tensor, n_states: int = 64, seed: int = 0) -> dict[str, float]:
+    """λ_max(Ĵ) along DDIM trajectories from ``n_states`` dataset states drawn with ``seed``, one trajectory each
+    (``cdp rl``'s ``contraction_diagnostics`` in results.json): mean and max λ̂, the fractions of contracting trajectory
+    points and of trajectories contracting at every step, and the mean log of the Corollary 3.1.1 bound."""
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(observations.shape[0], generator=g)[:n_states]
+    dev = next(policy.parameters()).device
+    gd = g if dev.type == "cpu" else _generator_on(seed, dev)
+    d = lambda_along_trajectory(policy, observations[idx].to(dev), n_samples=len(idx), generator=gd)
+    lam = d["lambda_hat"]  # (S, n)
+    worst = lam.max(0).values  # per trajectory, the least contractive step
+    return {"lambda_hat_mean": float(lam.mean()), "lambda_hat_max": float(lam.max()),
+            "frac_points_contractive": float((lam < 0).double().mean()),
+            "frac_trajectories_contractive": float((worst < 0).double().mean()),
+            "log_bound_mean": float((d["lambda_F"] * d["dtau"][:, None]).sum(0).mean()),
+            "n_states": int(len(idx)), "n_steps": int(lam.shape[0])}
+
+
+def flow_diagnostics(policy, obs: torch.Tensor, n_samples: int, seed: int = 0) -> dict:
+    """λ_max(Ĵ) along DDIM trajectories and the divergence ratio at each of the observations ``obs`` (n, To, Do),
+    ``n_samples`` trajectories (and pairs) per observation (``cdp train``'s ``diagnostics`` in results.json).
+
+    Returns means over observations: ``lambda_hat_mean`` (< 0: contracting), ``lambda_hat_mean_low_noise``
+    (t ≤ 0.1), ``frac_contractive``, ``div_ratio_median``, ``div_bound_median``, plus ``seconds``.
+    """
+    t0 = time.time()
+    lam_all, low, frac, ratio, bound = [], [], [], [], []
+    for i in range(obs.shape[0]):
+        o = obs[i: i + 1]
+        lam = lambda_along_trajectory(policy, o, n_samples=n_samples, generator=torch.Generator().manual_seed(seed + i))
+        lh = lam["lambda_hat"]
+        lam_all.append(float(lh.mean()))
+        lo = lam["t"] <= 0.1 + 1e-9
+        low.append(float(lh[lo].mean()) if lo.any() else float("nan"))
+        frac.append(float((lh < 0).double().mean()))
+        div = divergence_ratio(policy, o, n_pairs=n_samples, generator=torch.Generator().manual_seed(seed + 1000 + i))
+        ratio.append(float(div["ratio"].median()))
+        bound.append(float(div["bound"].median()))
+    return {"lambda_hat_mean": float(np.mean(lam_all)), "lambda_hat_mean_low_noise": float(np.mean(low)),
+            "frac_contractive": float(np.mean(frac)), "div_ratio_median": float(np.median(ratio)),
+            "div_bound_median": float(np.median(bound)), "n_obs": int(obs.shape[0]), "n_samples": n_samples,
+            "seconds": time.time() - t0}

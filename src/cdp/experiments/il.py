@@ -38,6 +38,7 @@ from ..config import IL_PRESETS, ExperimentConfig, base_config, flatten, to_plai
 from ..data.il import (SequenceWindows, default_pusht_zarr_path, load_pusht_lowdim, load_robomimic_hdf5,
                        subsample_episodes)
 from ..devices import make_generator, resolve_device
+from ..diagnostics import flow_diagnostics
 from ..policies.bc_gmm import BCGMMConfig, BCGMMPolicy
 from ..policy import DiffusionPolicy, DiffusionPolicyConfig
 from ..runs import RunDir, load_policy, median_call_ms
@@ -273,33 +274,6 @@ def evaluate_policy(policy: DiffusionPolicy, episodes: int, max_steps: int | Non
     return res
 
 
-def contraction_diagnostics(policy: DiffusionPolicy, obs: torch.Tensor, n_samples: int, seed: int = 0) -> dict:
-    """λ_max(Ĵ) along DDIM trajectories and the divergence ratio at each of the observations ``obs`` (n, To, Do).
-
-    Returns means over observations: ``lambda_hat_mean`` (< 0: contracting), ``lambda_hat_mean_low_noise``
-    (t ≤ 0.1), ``frac_contractive``, ``div_ratio_median``, ``div_bound_median``, plus ``seconds``.
-    """
-    from ..diagnostics import divergence_ratio, lambda_along_trajectory
-
-    t0 = time.time()
-    lam_all, low, frac, ratio, bound = [], [], [], [], []
-    for i in range(obs.shape[0]):
-        o = obs[i: i + 1]
-        lam = lambda_along_trajectory(policy, o, n_samples=n_samples, generator=torch.Generator().manual_seed(seed + i))
-        lh = lam["lambda_hat"]
-        lam_all.append(float(lh.mean()))
-        lo = lam["t"] <= 0.1 + 1e-9
-        low.append(float(lh[lo].mean()) if lo.any() else float("nan"))
-        frac.append(float((lh < 0).double().mean()))
-        div = divergence_ratio(policy, o, n_pairs=n_samples, generator=torch.Generator().manual_seed(seed + 1000 + i))
-        ratio.append(float(div["ratio"].median()))
-        bound.append(float(div["bound"].median()))
-    return {"lambda_hat_mean": float(np.mean(lam_all)), "lambda_hat_mean_low_noise": float(np.mean(low)),
-            "frac_contractive": float(np.mean(frac)), "div_ratio_median": float(np.median(ratio)),
-            "div_bound_median": float(np.median(bound)), "n_obs": int(obs.shape[0]), "n_samples": n_samples,
-            "seconds": time.time() - t0}
-
-
 def summary_line(res: dict) -> str:
     """One printable line: PushT: mean max-coverage, success rate (coverage > 0.95), DP score; Lift / Can:
     success rate over the episodes."""
@@ -387,7 +361,7 @@ def run_il(cfg: ExperimentConfig, log=print) -> dict:
     elif n_obs > 0 and n_samples > 0:
         g = torch.Generator().manual_seed(t.seed + 7)
         pick = torch.randperm(obs.shape[0], generator=g)[:n_obs]
-        diag = contraction_diagnostics(policy, obs[pick].to(device), n_samples, seed=t.seed)
+        diag = flow_diagnostics(policy, obs[pick].to(device), n_samples, seed=t.seed)
         results["diagnostics"] = diag
         run.log(res["step"], {k: v for k, v in diag.items() if isinstance(v, float) and math.isfinite(v)},
                 prefix="diag/")

@@ -20,6 +20,7 @@ import torch
 
 from ..config import ExperimentConfig, RL_FIELD_KEYS, flatten, to_plain
 from ..devices import make_generator, resolve_device
+from ..diagnostics import dataset_state_diagnostics
 from ..rl import algo_config_class, make_agent
 from ..runs import RunDir, load_checkpoint, median_call_ms
 from ..training.trainer import check_resume, data_fingerprint, fit
@@ -177,24 +178,6 @@ def place(agent, device: torch.device | str, seed: int) -> None:
         agent.generator = make_generator(seed, device)
 
 
-def contraction_diagnostics(policy, observations: torch.Tensor, n_states: int = 64, seed: int = 0) -> dict[str, float]:
-    """λ_max(Ĵ) along DDIM trajectories from ``n_states`` dataset states (one trajectory each)."""
-    from ..diagnostics import lambda_along_trajectory
-
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(observations.shape[0], generator=g)[:n_states]
-    dev = next(policy.parameters()).device
-    gd = g if dev.type == "cpu" else make_generator(seed, dev)
-    d = lambda_along_trajectory(policy, observations[idx].to(dev), n_samples=len(idx), generator=gd)
-    lam = d["lambda_hat"]  # (S, n)
-    worst = lam.max(0).values  # per trajectory, the least contractive step
-    return {"lambda_hat_mean": float(lam.mean()), "lambda_hat_max": float(lam.max()),
-            "frac_points_contractive": float((lam < 0).double().mean()),
-            "frac_trajectories_contractive": float((worst < 0).double().mean()),
-            "log_bound_mean": float((d["lambda_F"] * d["dtau"][:, None]).sum(0).mean()),
-            "n_states": int(len(idx)), "n_steps": int(lam.shape[0])}
-
-
 def identity_of(cfg: ExperimentConfig, data: dict[str, torch.Tensor]) -> dict[str, Any]:
     flat = flatten(cfg.to_dict())
     keep = {k: v for k, v in flat.items() if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)}
@@ -258,7 +241,7 @@ def run_rl(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
     diag = None
     n_diag = 64 if cfg.eval.diag_obs is None else cfg.eval.diag_obs
     if cfg.algo.name != "bc" and n_diag > 0:
-        diag = contraction_diagnostics(agent.ema.model, data["observations"], n_states=n_diag, seed=cfg.train.seed)
+        diag = dataset_state_diagnostics(agent.ema.model, data["observations"], n_states=n_diag, seed=cfg.train.seed)
         run.log(res["step"], diag, prefix="diagnostics/")
     obs1 = data["observations"][:1].to(device)
     g_lat = make_generator(cfg.train.seed, device)
