@@ -66,3 +66,22 @@ def test_toy_cli(tmp_path, capsys):
     assert "finished cdp toy run" in capsys.readouterr().err
     assert main(["toy", "--out", str(tmp_path / "t2"), "--algo.eta", "0.5"]) == 2  # a key the toy job does not read
     assert "--algo.eta does not apply to cdp toy" in capsys.readouterr().err
+
+
+def test_saved_config_reproduces_the_toy_run(tmp_path):
+    """The config.yaml of a cdp toy run, re-run into a new folder through --config, gives the same results."""
+    import json
+
+    from cdp.cli import main
+
+    args = ["--train.steps", "6", "--data.n_data", "64", "--eval.n_samples", "32", "--eval.snapshots", "1",
+            "--policy.network.hidden", "16", "--algo.variants", "standard", "cdp_all", "--train.progress", "False",
+            "--log.tensorboard", "False"]
+    assert main(["toy", "--out", str(tmp_path / "a"), *args]) == 0
+    assert main(["toy", "--config", str(tmp_path / "a" / "config.yaml"), "--out", str(tmp_path / "b")]) == 0
+    ra, rb = (json.loads((tmp_path / d / "toy_results.json").read_text()) for d in "ab")
+    for v in ("standard", "cdp_all"):
+        for k in ("off_support", "mode_share_tv", "lambda_hat_mean", "div_ratio_median"):
+            assert ra["variants"][v][k] == rb["variants"][v][k], (v, k)
+    ca, cb = ra["config"], rb["config"]
+    assert {**ca, "out": None} == {**cb, "out": None}
