@@ -465,3 +465,52 @@ def test_hinge_of_rayleigh_equals_loss_from_eigenvalue(prediction, margin):
         assert 0 < metrics["frac_contractive"]  # some rows below the floor: their gradient is zero in both
     with pytest.raises(ValueError, match="hinge"):
         ContractionRegularizer(ContractionConfig(loss="frobenius"), sched).hinge_of_rayleigh(t_c, {})
+
+
+def _sym_batch(evals, seed=0):
+    """(B, d, d) symmetric matrices Q diag(evals) Qᵀ with random orthogonal Q (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    evals = torch.as_tensor(evals, dtype=torch.float64)
+    B, d = evals.shape
+    Q, _ = torch.linalg.qr(torch.randn(B, d, d, generator=g, dtype=torch.float64))
+    return Q @ torch.diag_embed(evals) @ Q.transpose(1, 2)
+
+
+def _batched_linear(W):
+    return lambda x, t, c: torch.einsum("bij,bj->bi", W, x)
+
+
+@pytest.mark.parametrize("est,iters", [("power", 8), ("lanczos", 4)])
+@pytest.mark.parametrize("evals", [[-0.5, -0.5, -0.5], [-1.0, -1.0, -1.0, -2.0], [0.7, 0.7, 0.7, 0.7], [-3.0],
+                                   [2.0], [0.0, 0.0, 0.0]])
+@pytest.mark.parametrize("rotate,dtype", [(True, torch.float64), (False, torch.float32)])
+def test_estimators_on_repeated_and_degenerate_spectra(est, iters, evals, rotate, dtype):
+    """−ρI, d = 1, a repeated top eigenvalue above a smaller one, the zero matrix — rotated, and as exact diagonal
+    float32 matrices (where the shifted iterate and the Lanczos residual become exactly zero): the estimates equal
+    eigvalsh's largest eigenvalue."""
+    W = (_sym_batch([evals] * 3) if rotate else torch.diag_embed(torch.tensor([evals] * 3, dtype=torch.float64)))
+    W = W.to(dtype)
+    x = torch.randn(3, len(evals), dtype=dtype, generator=torch.Generator().manual_seed(1))
+    lam = lambda_max(_batched_linear(W), x, torch.zeros(3), estimator=est, iters=iters,
+                     generator=torch.Generator().manual_seed(2))
+    tol = 1e-8 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(lam, torch.linalg.eigvalsh(W)[:, -1], atol=tol), (lam, evals)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_estimators_on_clustered_spectra_match_eigvalsh(seed):
+    """Random symmetric matrices whose eigenvalues sit in tight clusters (gaps 1e-3 inside, O(1) between): Lanczos
+    with K = d is exact; shifted power iteration with enough steps reaches λ_max within the cluster width."""
+    g = torch.Generator().manual_seed(seed)
+    d, B = 8, 6
+    centres = torch.tensor([-2.0, -0.5, 0.8])[torch.randint(0, 3, (B, d), generator=g)]
+    evals = centres + 1e-3 * torch.rand(B, d, generator=g, dtype=torch.float64)
+    W = _sym_batch(evals, seed)
+    x = torch.zeros(B, d, dtype=torch.float64)
+    true = torch.linalg.eigvalsh(W)[:, -1]
+    lz = lambda_max(_batched_linear(W), x, torch.zeros(B), estimator="lanczos", iters=d,
+                    generator=torch.Generator().manual_seed(seed))
+    assert torch.allclose(lz, true, atol=1e-9)
+    pw = lambda_max(_batched_linear(W), x, torch.zeros(B), estimator="power", iters=200,
+                    generator=torch.Generator().manual_seed(seed))
+    assert (pw <= true + 1e-9).all() and torch.allclose(pw, true, atol=2e-3)

@@ -229,12 +229,18 @@ def _normalize(v: torch.Tensor) -> torch.Tensor:
 
 
 def _power(matvec: Callable, v: torch.Tensor, iters: int, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Power iteration on (A + shift I); returns (Rayleigh quotient of A, vector)."""
+    """Power iteration on (A + shift I) from a unit vector v; returns (Rayleigh quotient of A, unit vector).
+
+    Where (A + shift I) v vanishes (relative to ‖A v‖ + |shift|), v is already an eigenvector of A (with eigenvalue
+    −shift, e.g. A = −ρI under the shift ρ, or d = 1) and is kept: normalising the zero vector would give 0, whose
+    Rayleigh quotient 0 is not an eigenvalue."""
     for _ in range(iters):
-        w = matvec(v)
-        if shift is not None:
-            w = w + shift[:, None] * v
-        v = _normalize(w)
+        av = matvec(v)
+        w = av if shift is None else av + shift[:, None] * v
+        n = w.norm(dim=-1, keepdim=True)
+        scale = av.norm(dim=-1, keepdim=True) + (0.0 if shift is None else shift.abs()[:, None])
+        collapsed = n <= 1e-6 * scale + 1e-30
+        v = torch.where(collapsed, v, w / n.clamp_min(1e-30))
     return (v * matvec(v)).sum(-1), v
 
 
@@ -244,21 +250,33 @@ def _lanczos(matvec: Callable, v: torch.Tensor, iters: int) -> tuple[torch.Tenso
     K = min(iters, d)
     Q = [_normalize(v)]
     alphas, betas = [], []
+    active = torch.ones(B, dtype=torch.bool, device=v.device)  # rows whose Krylov space is still growing
+    scale = torch.zeros(B, dtype=v.dtype, device=v.device)
     for j in range(K):
         w = matvec(Q[j])
         a = (w * Q[j]).sum(-1)
         alphas.append(a)
+        scale = torch.maximum(scale, w.norm(dim=-1))
         Qm = torch.stack(Q, -1)  # (B, d, j+1)
         for _ in range(2):  # full re-orthogonalisation, twice for stability
             w = w - (Qm @ (Qm.transpose(1, 2) @ w.unsqueeze(-1))).squeeze(-1)
         if j + 1 < K:
             b = w.norm(dim=-1)
-            betas.append(b)
-            Q.append(w / b.clamp_min(1e-30)[:, None])
-    Tm = torch.diag_embed(torch.stack(alphas, -1))
+            # breakdown: the Krylov space is invariant (e.g. A = −ρI, or repeated eigenvalues), so the Ritz values
+            # found so far are exact; a vector normalised from round-off would add spurious ones
+            active = active & (b > 1e-6 * scale + 1e-30)
+            betas.append(torch.where(active, b, torch.zeros_like(b)))
+            Q.append(torch.where(active[:, None], w / b.clamp_min(1e-30)[:, None], torch.zeros_like(w)))
+    diag = torch.stack(alphas, -1)  # (B, K)
+    used = torch.stack([torch.ones_like(active)] + [q.norm(dim=-1) > 0 for q in Q[1:]], -1)  # (B, K)
+    Tm = torch.diag_embed(diag)
     if betas:
         off = torch.stack(betas, -1)
         Tm = Tm + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    # after a breakdown the remaining rows / columns are decoupled (β = 0): give them a value below every eigenvalue
+    # of the valid block (Gershgorin) so that they never become the largest Ritz value
+    floor = -(Tm.abs().sum((1, 2)) + 1.0)
+    Tm = Tm + torch.diag_embed(torch.where(used, torch.zeros_like(diag), floor[:, None] - diag))
     evals, evecs = torch.linalg.eigh(Tm)
     y = evecs[..., -1]  # (B, K)
     vec = _normalize((torch.stack(Q, -1) @ y.unsqueeze(-1)).squeeze(-1))
