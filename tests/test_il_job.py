@@ -405,13 +405,13 @@ def test_resume_a_run_made_before_a_config_field_existed(tmp_path):
     run_il(tiny(p, "dbc", out=out, **{**kw, "train.steps": 10}), log=quiet)
     meta_path = out / "checkpoints" / "last" / "policy.json"
     meta = json.loads(meta_path.read_text())
-    for k in ("gmm_hidden", "gmm_layers", "gmm_modes"):  # fields added later: absent from older runs
-        del meta["identity"][f"policy.network.{k}"]
+    for k in ("train.lr_warmup_steps", "policy.ema_power"):  # settings added later: absent from older runs
+        del meta["identity"][k]
     meta_path.write_text(json.dumps(meta))
     res = run_il(tiny(p, "dbc", out=out, **kw), log=quiet)
     assert res["train"]["steps_run"] == 10
-    with pytest.raises(ValueError, match="gmm_modes"):  # a non-preset value is still a real difference
-        run_il(tiny(p, "dbc", out=out, **{**kw, "train.steps": 30, "policy.network.gmm_modes": 3}), log=quiet)
+    with pytest.raises(ValueError, match="lr_warmup_steps"):  # a non-preset value is still a real difference
+        run_il(tiny(p, "dbc", out=out, **{**kw, "train.steps": 30, "train.lr_warmup_steps": 3}), log=quiet)
 
 
 def test_cli_compile_flag_is_a_real_boolean():

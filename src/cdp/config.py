@@ -18,8 +18,10 @@ keys. Precedence, lowest first:
 
 1. the dataclass defaults below;
 2. the job's preset (:data:`JOB_PRESETS`) and the algorithm's preset (:func:`preset`), each declared once: the RL
-   presets are read off the algorithm's own config class (:mod:`cdp.rl`), the IL presets off
-   :data:`cdp.experiments.il.PRESETS`;
+   presets are read off the algorithm's own config class (:mod:`cdp.rl`), the IL presets off :data:`IL_PRESETS`;
+   the dataclass defaults themselves are read off the library (:class:`cdp.policy.DiffusionPolicyConfig`,
+   :class:`cdp.schedules.ScheduleConfig`, the networks' constructors, :class:`cdp.contraction.ContractionConfig`,
+   the RL config classes), so no default is declared twice;
 3. ``--config FILE.yaml`` (a run folder's ``config.yaml`` is fully resolved, so it reproduces the run);
 4. flags on the command line.
 
@@ -38,6 +40,25 @@ from typing import Any
 import yaml
 
 from .contraction import ContractionConfig
+from .nets.dit import DiTDenoiser
+from .nets.mlp import MLPDenoiser
+from .nets.unet1d import ConditionalUnet1D
+from .policies.bc_gmm import BCGMMConfig
+from .policy import DiffusionPolicyConfig
+from .rl import DQLConfig, EDPConfig, IDQLConfig
+from .schedules import ScheduleConfig
+
+
+def _d(owner: Any, name: str) -> Any:
+    """The default that ``owner`` (a dataclass or a class's ``__init__``) declares for ``name``: the tree reads the
+    library's defaults instead of declaring them again (job and algorithm choices are in the presets below)."""
+    import inspect
+
+    if is_dataclass(owner):
+        f = owner.__dataclass_fields__[name]
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return inspect.signature(owner.__init__).parameters[name].default
+
 
 JOBS = ("toy", "il", "rl", "eval")
 DEVICES_HELP = "auto | cpu | cuda | cuda:N | mps"
@@ -82,32 +103,32 @@ class AlgoConfig:
     name: str = "cdp"
     variants: list[str] = field(default_factory=lambda: ["standard", "cdp_all", "cdp_low10"])
     """Toy: standard (no contraction), cdp_all (every step), cdp_low10 (lowest-noise 10%)."""
-    eta: float = 1.0
+    eta: float = _d(EDPConfig, "eta")
     """EDP / Diffusion-QL: weight η of the normalised Q term."""
-    discount: float = 0.99
+    discount: float = _d(EDPConfig, "discount")
     """RL discount (γ_RL)."""
-    tau: float = 0.005
+    tau: float = _d(EDPConfig, "tau")
     """Polyak rate of the target critics."""
-    critic_lr: float = 3e-4
-    value_lr: float = 3e-4
+    critic_lr: float = _d(EDPConfig, "critic_lr")
+    value_lr: float = _d(IDQLConfig, "value_lr")
     """IDQL: learning rate of V."""
-    critic_hidden: int = 256
+    critic_hidden: int = _d(IDQLConfig, "critic_hidden")
     """IDQL: width of each Q / V MLP (EDP / Diffusion-QL critics use policy.network.hidden)."""
-    critic_layers: int = 2
-    target_inference_steps: int | None = 3
+    critic_layers: int = _d(IDQLConfig, "critic_layers")
+    target_inference_steps: int | None = _d(EDPConfig, "target_inference_steps")
     """Sampler steps of the TD-target actions (None: all T)."""
-    num_candidates: int = 10
+    num_candidates: int = _d(EDPConfig, "num_candidates")
     """Actions sampled per state at evaluation."""
-    selection: str = "softmax"
+    selection: str = _d(EDPConfig, "selection")
     """How one candidate is picked (EDP: argmax | softmax; IDQL: expectile | expectile_simple | argmax)."""
-    max_q_backup: bool = False
-    backup_samples: int = 10
+    max_q_backup: bool = _d(EDPConfig, "max_q_backup")
+    backup_samples: int = _d(DQLConfig, "backup_samples")
     """Diffusion-QL: next actions of max_q_backup."""
-    q_alternate: bool = True
+    q_alternate: bool = _d(DQLConfig, "q_alternate")
     """Diffusion-QL: the public code's coin choosing which critic is maximised."""
-    expectile: float = 0.7
+    expectile: float = _d(IDQLConfig, "expectile")
     """IDQL: τ of the expectile value loss."""
-    adv_floor: float = 1e-6
+    adv_floor: float = _d(IDQLConfig, "adv_floor")
     """IDQL: floor of |Q − V| in the expectile weights."""
 
 
@@ -115,29 +136,29 @@ class AlgoConfig:
 class NetworkConfig:
     """Denoiser size (the network type follows ``algo.name``: RL / DBC / toy MLP, *_unet UNet, *_dit DiT)."""
 
-    hidden: int = 256
+    hidden: int = _d(MLPDenoiser, "hidden")
     """MLP width."""
-    layers: int = 3
+    layers: int = _d(MLPDenoiser, "n_layers")
     """MLP depth."""
-    unet_down_dims: tuple[int, ...] = (64, 128, 256)
-    unet_time_embed_dim: int = 64
-    unet_kernel_size: int = 5
-    dit_d_model: int = 128
-    dit_layers: int = 4
-    dit_heads: int = 4
-    gmm_hidden: int = 1024
+    unet_down_dims: tuple[int, ...] = _d(ConditionalUnet1D, "down_dims")
+    unet_time_embed_dim: int = _d(ConditionalUnet1D, "time_embed_dim")
+    unet_kernel_size: int = _d(ConditionalUnet1D, "kernel_size")
+    dit_d_model: int = _d(DiTDenoiser, "d_model")
+    dit_layers: int = _d(DiTDenoiser, "n_layers")
+    dit_heads: int = _d(DiTDenoiser, "n_heads")
+    gmm_hidden: int = _d(BCGMMConfig, "hidden_dims")[0]
     """BC-GMM trunk width (robomimic: 1024)."""
-    gmm_layers: int = 2
-    gmm_modes: int = 5
+    gmm_layers: int = len(_d(BCGMMConfig, "hidden_dims"))
+    gmm_modes: int = _d(BCGMMConfig, "num_modes")
 
 
 @dataclass
 class ScheduleSection:
     """The training noise schedule (:class:`cdp.schedules.ScheduleConfig`)."""
 
-    name: str = "vp"
+    name: str = _d(ScheduleConfig, "name")
     """vp (Diffusion-QL) | linear | cosine (Diffusion Policy's squaredcos_cap_v2)."""
-    num_steps: int = 100
+    num_steps: int = _d(ScheduleConfig, "num_steps")
     """T, the discrete diffusion steps."""
 
 
@@ -149,20 +170,20 @@ class PolicyConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     contraction: ContractionConfig = field(default_factory=ContractionConfig)
     """The regulariser's settings; it is on for the cdp* algorithms / variants. ``weight`` is the paper's γ."""
-    prediction: str = "epsilon"
+    prediction: str = _d(DiffusionPolicyConfig, "prediction")
     """epsilon | sample (x0)."""
-    horizon: int = 1
+    horizon: int = _d(DiffusionPolicyConfig, "horizon")
     """H, actions per sample (an action chunk when > 1)."""
-    n_obs_steps: int = 1
+    n_obs_steps: int = _d(DiffusionPolicyConfig, "n_obs_steps")
     """To, observations in the condition."""
-    n_action_steps: int = 1
+    n_action_steps: int = _d(DiffusionPolicyConfig, "n_action_steps")
     """Ta, actions executed per sampled chunk."""
-    sampler: str = "ddim"
+    sampler: str = _d(DiffusionPolicyConfig, "sampler")
     """Evaluation sampler: ddpm | ddim | dpmsolver++."""
-    num_inference_steps: int | None = 10
+    num_inference_steps: int | None = _d(DiffusionPolicyConfig, "num_inference_steps")
     """Sampler steps at evaluation (None: all T)."""
-    ema_decay: float = 0.995
-    ema_power: float | None = None
+    ema_decay: float = _d(DiffusionPolicyConfig, "ema_decay")
+    ema_power: float | None = _d(DiffusionPolicyConfig, "ema_power")
     """None: warm-up (1+k)/(10+k); Diffusion Policy: 0.75 (ema_decay is then its maximum)."""
 
 
@@ -267,6 +288,11 @@ JOB_PRESETS: dict[str, dict[str, Any]] = {
         "train.weight_decay": 1e-6, "train.grad_clip": 1.0, "train.log_every": 50, "train.ckpt_every": 500,
         "policy.schedule.name": "cosine", "policy.schedule.num_steps": 100, "policy.sampler": "ddim",
         "policy.num_inference_steps": 10, "policy.ema_decay": 0.995,
+        # networks reduced for CPU (Diffusion Policy's UNet: down_dims (256, 512, 1024), ~65 M parameters)
+        "policy.network.unet_down_dims": (64, 128, 256), "policy.network.unet_time_embed_dim": 64,
+        "policy.network.unet_kernel_size": 5, "policy.network.dit_d_model": 128, "policy.network.dit_layers": 4,
+        "policy.network.dit_heads": 4, "policy.network.hidden": 256, "policy.network.layers": 3,
+        "policy.network.gmm_hidden": 1024, "policy.network.gmm_layers": 2, "policy.network.gmm_modes": 5,
         "eval.episodes": 50, "eval.seed_start": 100000,
     },
     "rl": {

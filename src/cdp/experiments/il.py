@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..config import IL_PRESETS, ExperimentConfig, base_config, flatten, to_plain
+from ..config import IL_PRESETS, ExperimentConfig, base_config, flatten, to_plain, used_keys
 from ..data.il import (SequenceWindows, default_pusht_zarr_path, load_pusht_lowdim, load_robomimic_hdf5,
                        subsample_episodes)
 from ..devices import make_generator, resolve_device
@@ -285,8 +285,11 @@ def summary_line(res: dict) -> str:
 
 
 def identity_of(cfg: ExperimentConfig, data: dict[str, torch.Tensor]) -> dict[str, Any]:
-    flat = flatten(cfg.to_dict())
-    keep = {k: v for k, v in flat.items() if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)}
+    """What must match for a checkpoint to be resumed: the settings this job reads (less :data:`RESUMABLE`) and a
+    fingerprint of the training data."""
+    flat, used = flatten(cfg.to_dict()), used_keys("il", cfg.algo.name)
+    keep = {k: v for k, v in flat.items()
+            if k in used and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)}
     return {**keep, **{f"data_fingerprint.{k}": v for k, v in data_fingerprint(data).items()}}
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ExperimentConfig, RL_FIELD_KEYS, flatten, to_plain
+from ..config import ExperimentConfig, RL_FIELD_KEYS, flatten, to_plain, used_keys
 from ..devices import make_generator, resolve_device
 from ..diagnostics import dataset_state_diagnostics
 from ..rl import algo_config_class, make_agent
@@ -179,8 +179,11 @@ def place(agent, device: torch.device | str, seed: int) -> None:
 
 
 def identity_of(cfg: ExperimentConfig, data: dict[str, torch.Tensor]) -> dict[str, Any]:
-    flat = flatten(cfg.to_dict())
-    keep = {k: v for k, v in flat.items() if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)}
+    """What must match for a checkpoint to be resumed: the settings this job reads (less :data:`RESUMABLE`) and a
+    fingerprint of the training data."""
+    flat, used = flatten(cfg.to_dict()), used_keys("rl", cfg.algo.name)
+    keep = {k: v for k, v in flat.items()
+            if k in used and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)}
     return {**keep, **{f"data_fingerprint.{k}": v for k, v in data_fingerprint(data).items()}}
 
 
