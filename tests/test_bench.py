@@ -9,8 +9,9 @@ import torch
 import pytest
 import yaml
 
-from cdp.bench import (aggregate, bootstrap_ci, cell_dir, cell_resources, expand, iqm, load_spec, mean_std, parse_spec,
-                       run_grid, summarize, collect)
+from cdp.sweep.executor import cell_resources, run_grid
+from cdp.sweep.report import aggregate, bootstrap_ci, collect, iqm, mean_std, summarize
+from cdp.sweep.spec import cell_dir, expand, load_spec, parse_spec
 from cdp.cli import main, parse_job
 from cdp.config import flatten
 
@@ -162,8 +163,8 @@ def test_algo_overrides_and_shared_dataset(tmp_path):
     s2 = _spec(tmp_path, overrides={**RL["overrides"], "data.size": 2000, "data.seed": 3, "data.action_noise": 0.1})
     a2 = expand(s2)[0].args
     assert a2[a2.index("--data.path") + 1].endswith("_data/dataset_PointMaze_UMaze-v3_n2000_noise0.1_seed3.hdf5")
-    import cdp.data.maze as maze
-    from cdp.bench import prepare_rl_datasets
+    import cdp.datagen.maze as maze
+    from cdp.sweep.executor import prepare_rl_datasets
 
     calls = []
     monkey = pytest.MonkeyPatch()
@@ -196,8 +197,8 @@ def test_d4rl_named_mujoco_dataset(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="'data' does not make"):
         _spec(tmp_path, datasets=["walker2d-medium"], data={"no_such_field": 1})
     # prepare: the grid makes a missing MuJoCo dataset with that config (generation itself is tested elsewhere)
-    import cdp.data.mujoco as mj
-    from cdp.bench import prepare_rl_datasets
+    import cdp.datagen.mujoco as mj
+    from cdp.sweep.executor import prepare_rl_datasets
 
     calls = []
     monkeypatch.setattr(mj, "generate_mujoco_datasets", lambda cfg, out, **kw: calls.append((cfg.env_id, out)))
@@ -213,8 +214,8 @@ def test_il_robosuite_demos_are_made_once_and_passed(tmp_path, monkeypatch):
     want = (tmp_path / "d" / "lift7_seed3.hdf5").absolute()
     assert a[a.index("--data.path") + 1] == str(want) and "--data.path" not in cells["pusht"].args
     assert a[a.index("--data.task") + 1] == "lift"
-    import cdp.data.robosuite_demos as rd
-    from cdp.bench import prepare_il_demos
+    import cdp.datagen.robosuite as rd
+    from cdp.sweep.executor import prepare_il_demos
 
     calls = []
     monkeypatch.setattr(rd, "generate_robosuite_demos", lambda task, n, out, **kw: calls.append((task, n, out, kw["seed"]))
@@ -377,7 +378,7 @@ def test_bench_fans_out_to_a_ray_cluster_by_address(tmp_path, capsys):
 
 
 def test_publish_replaces_only_the_marked_block(tmp_path):
-    from cdp.bench import check_publish_target, publish
+    from cdp.sweep.report import check_publish_target, publish
     s = _spec(tmp_path / "runs", baselines={"cdp": "bc"})
     _fake_rl(s)
     agg = aggregate(s)
@@ -435,7 +436,7 @@ def test_every_shipped_spec_parses_and_expands():
     keys; each algo's cell command parses with the real sub-command and carries every override's value."""
     from pathlib import Path
 
-    from cdp.bench import COMMAND
+    from cdp.sweep.spec import COMMAND
     specs = sorted((Path(__file__).resolve().parents[1] / "configs" / "experiments").glob("*.yaml"))
     assert len(specs) >= 8
     for path in specs:

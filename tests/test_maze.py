@@ -1,4 +1,4 @@
-"""Tests for cdp.data.maze (PointMaze dataset generation and evaluation)."""
+"""Tests for cdp.datagen.maze and cdp.envs.maze (PointMaze dataset generation and evaluation)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,9 @@ import pytest
 
 pytest.importorskip("gymnasium_robotics")
 
-from cdp.data.maze import (  # noqa: E402
-    WaypointController,
-    evaluate_policy,
-    generate_maze_dataset,
-    make_maze_env,
-    random_policy,
-)
+from cdp.datagen.maze import WaypointController, generate_maze_dataset, random_policy  # noqa: E402
+from cdp.envs import maze  # noqa: E402
+from cdp.envs.maze import make_maze_env  # noqa: E402
 from cdp.data.rl import check_matches_env, load_d4rl_hdf5  # noqa: E402
 
 ENV = "PointMaze_UMaze-v3"
@@ -62,8 +58,8 @@ def test_expert_beats_random():
     expert = WaypointController.from_env(env)
     env.close()
     kw = dict(env_name=ENV, n_episodes=8, seed=0, max_episode_steps=150)
-    rnd = evaluate_policy(random_policy(2, 0), **kw)
-    exp = evaluate_policy(expert, **kw, ref_min=0.0, ref_max=100.0)
+    rnd = maze.evaluate(random_policy(2, 0), **kw)
+    exp = maze.evaluate(expert, **kw, ref_min=0.0, ref_max=100.0)
     assert exp["success_rate"] >= 0.75 > rnd["success_rate"]
     assert exp["mean_return"] > 3 * max(rnd["mean_return"], 5.0)
     assert exp["normalized_score_mean"] == pytest.approx(exp["mean_return"])
@@ -82,11 +78,12 @@ def test_controller_plans_around_walls():
 
 
 def test_ref_scores_table_and_compute():
-    from cdp.data.maze import MAZE_REF_SCORES, compute_ref_scores
+    from cdp.datagen.maze import compute_ref_scores
+    from cdp.envs.maze import MAZE_REF_SCORES
 
     lo, hi = MAZE_REF_SCORES[ENV]
     assert 0 <= lo < hi
-    r = evaluate_policy(random_policy(2, 0), ENV, n_episodes=2, seed=0, max_episode_steps=20)
+    r = maze.evaluate(random_policy(2, 0), ENV, n_episodes=2, seed=0, max_episode_steps=20)
     assert r["normalized_score_mean"] == pytest.approx(100 * (r["mean_return"] - lo) / (hi - lo))
     ds = generate_maze_dataset(ENV, 50, seed=0, ref_episodes=0, progress=False)
     assert (ds.ref_min_score, ds.ref_max_score) == (lo, hi)

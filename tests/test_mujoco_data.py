@@ -1,4 +1,5 @@
-"""D4RL-recipe MuJoCo datasets via SAC (cdp.data.mujoco) and offline RL on them — tiny budgets."""
+"""D4RL-recipe MuJoCo datasets via SAC (cdp.datagen.mujoco), locomotion evaluation (cdp.envs.mujoco) and offline RL
+on them — tiny budgets."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ import pytest
 pytest.importorskip("stable_baselines3")
 gym = pytest.importorskip("gymnasium")
 
-from cdp.data.mujoco import (  # noqa: E402
+from cdp.datagen.mujoco import (  # noqa: E402
     MujocoDataConfig,
     dataset_path,
-    evaluate_locomotion,
     generate_mujoco_datasets,
     replay_buffer_dataset,
-    robot_name,
 )
+from cdp.envs import mujoco  # noqa: E402
+from cdp.envs.mujoco import robot_name  # noqa: E402
 from cdp.data.rl import load_d4rl_hdf5, normalized_score  # noqa: E402
 
 TINY = dict(env_id="Hopper-v5", learning_starts=150, eval_every=150, eval_episodes=1, ckpt_every=150,
@@ -98,9 +99,9 @@ def test_replay_buffer_dataset_cuts_resume_gaps():
         replay_buffer_dataset(buf, 0, "Hopper-v5")
 
 
-def test_evaluate_locomotion_normalised_score_matches_manual_rollout():
+def test_locomotion_evaluate_normalised_score_matches_manual_rollout():
     zero = lambda o: np.zeros((o.shape[0], 3), np.float32)  # noqa: E731
-    res = evaluate_locomotion(zero, "Hopper-v5", n_episodes=2, seed=5, max_episode_steps=50)
+    res = mujoco.evaluate(zero, "Hopper-v5", n_episodes=2, seed=5, max_episode_steps=50)
     rets = []
     for i in range(2):
         env = gym.make("Hopper-v5", max_episode_steps=50)

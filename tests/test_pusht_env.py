@@ -18,12 +18,12 @@ from cdp.envs.pusht import (  # noqa: E402
     PUSHT_LOCAL_KEYPOINTS,
     block_keypoints,
     dataset_state_to_reset_state,
-    evaluate_pusht,
     fit_local_keypoints,
     lowdim_obs_from_state,
     make_pusht_env,
     replay_demo,
 )
+from cdp.envs import pusht as pusht_env  # noqa: E402
 
 torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def _toward_center(obs_hist):
     return np.tile(np.array([256.0, 256.0]), (B, 8, 1))
 
 
-def test_evaluate_pusht_smoke():
+def test_pusht_evaluate_smoke():
     calls = []
 
     def pol(x):
@@ -99,24 +99,24 @@ def test_evaluate_pusht_smoke():
         assert x.dtype == np.float32 and x.shape[1:] == (2, 20)
         return torch.as_tensor(_toward_center(x))
 
-    out = evaluate_pusht(pol, n_episodes=2, max_steps=20)
+    out = pusht_env.evaluate(pol, n_episodes=2, max_steps=20)
     assert set(out) >= {"mean_max_coverage", "success_rate", "mean_max_reward", "max_coverage", "success", "seeds"}
     assert out["seeds"] == [100000, 100001]
     assert all(n <= 20 for n in out["n_steps"])
     assert calls[0] == (2, 2, 20) and len(calls) == 3  # 20 steps / 8 per chunk -> 3 rounds
-    out2 = evaluate_pusht(_toward_center, n_episodes=2, max_steps=20)
+    out2 = pusht_env.evaluate(_toward_center, n_episodes=2, max_steps=20)
     assert out2["max_coverage"] == out["max_coverage"]  # deterministic in the seeds
     with pytest.raises(ValueError, match="shorter than"):
-        evaluate_pusht(lambda x: np.zeros((x.shape[0], 4, 2)), n_episodes=1, max_steps=8)
+        pusht_env.evaluate(lambda x: np.zeros((x.shape[0], 4, 2)), n_episodes=1, max_steps=8)
     with pytest.raises(ValueError, match="NaN"):
-        evaluate_pusht(lambda x: np.full((x.shape[0], 8, 2), np.nan), n_episodes=1, max_steps=8)
+        pusht_env.evaluate(lambda x: np.full((x.shape[0], 8, 2), np.nan), n_episodes=1, max_steps=8)
 
 
-def test_evaluate_pusht_records_gifs_without_changing_rollouts(tmp_path):
+def test_pusht_evaluate_records_gifs_without_changing_rollouts(tmp_path):
     from PIL import Image
 
-    ref = evaluate_pusht(_toward_center, n_episodes=2, max_steps=12)
-    out = evaluate_pusht(_toward_center, n_episodes=2, max_steps=12, video_dir=tmp_path / "vid", video_episodes=1)
+    ref = pusht_env.evaluate(_toward_center, n_episodes=2, max_steps=12)
+    out = pusht_env.evaluate(_toward_center, n_episodes=2, max_steps=12, video_dir=tmp_path / "vid", video_episodes=1)
     assert out["max_coverage"] == ref["max_coverage"] and out["n_steps"] == ref["n_steps"]
     assert out["videos"] == [str(tmp_path / "vid" / "pusht_seed100000.gif")]
     with Image.open(out["videos"][0]) as im:
@@ -129,7 +129,7 @@ def test_evaluate_pusht_records_gifs_without_changing_rollouts(tmp_path):
         assert max(im.size) == 256
     assert not (tmp_path / "vid" / "pusht_seed100001.gif").exists()
     with pytest.raises(ValueError, match="video_dir"):
-        evaluate_pusht(_toward_center, n_episodes=1, max_steps=8, video_episodes=1)
+        pusht_env.evaluate(_toward_center, n_episodes=1, max_steps=8, video_episodes=1)
 
 
 def test_write_gif_rejects_bad_frames(tmp_path):

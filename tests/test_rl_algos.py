@@ -188,7 +188,7 @@ SMALL_FLAGS = ["--policy.network.hidden", "32", "--policy.network.layers", "2", 
 @pytest.fixture(scope="module")
 def maze_data(tmp_path_factory):
     pytest.importorskip("gymnasium_robotics")
-    from cdp.data.maze import generate_maze_dataset
+    from cdp.datagen.maze import generate_maze_dataset
 
     path = tmp_path_factory.mktemp("maze") / "maze.hdf5"
     generate_maze_dataset("PointMaze_UMaze-v3", n_steps=600, seed=0, path=path, ref_episodes=0, progress=False)

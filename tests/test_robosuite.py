@@ -10,8 +10,9 @@ pytest.importorskip("robosuite")
 
 from cdp.cli import main  # noqa: E402
 from cdp.data.il import load_robomimic_hdf5  # noqa: E402
-from cdp.data.robosuite_demos import generate_robosuite_demos  # noqa: E402
-from cdp.envs.robosuite_tasks import OBS_KEYS, RobosuiteLowDim, evaluate_robosuite  # noqa: E402
+from cdp.datagen.robosuite import generate_robosuite_demos  # noqa: E402
+from cdp.envs import robosuite_tasks  # noqa: E402
+from cdp.envs.robosuite_tasks import OBS_KEYS, RobosuiteLowDim  # noqa: E402
 from cdp.config import apply, base_config  # noqa: E402
 from cdp.experiments.il import load_demos, max_steps_of, task_of_checkpoint, validate  # noqa: E402
 
@@ -123,11 +124,11 @@ def test_cli_missing_hdf5_gives_one_clear_line(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_evaluate_robosuite_checks_policy_output():
+def test_robosuite_evaluate_checks_policy_output():
     with pytest.raises(ValueError, match="expected"):
-        evaluate_robosuite(lambda o: np.zeros((o.shape[0], 1, 2)), "lift", n_episodes=1, max_steps=2)
-    res = evaluate_robosuite(lambda o: np.zeros((o.shape[0], 2, 7)), "lift", n_episodes=2, max_steps=3,
-                             n_action_steps=2, n_envs=1)
+        robosuite_tasks.evaluate(lambda o: np.zeros((o.shape[0], 1, 2)), "lift", n_episodes=1, max_steps=2)
+    res = robosuite_tasks.evaluate(lambda o: np.zeros((o.shape[0], 2, 7)), "lift", n_episodes=2, max_steps=3,
+                                   n_action_steps=2, n_envs=1)
     assert res["successes"] == [0, 0] and res["episode_lengths"] == [3, 3] and res["seeds"] == [100000, 100001]
 
 

@@ -180,7 +180,7 @@ def add_bench(sub) -> None:
 
 
 def run_bench(args) -> int:
-    from .bench import load_spec
+    from .sweep.spec import load_spec
 
     specs = [load_spec(p) for p in args.spec]  # every spec is validated before anything runs
     if args.out and len(specs) > 1:
@@ -188,7 +188,7 @@ def run_bench(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if args.publish:
-        from .bench import check_publish_target
+        from .sweep.report import check_publish_target
         check_publish_target(args.publish, [s.name for s in specs])
     rc = 0
     for path, spec in zip(args.spec, specs):
@@ -213,7 +213,9 @@ def _command_args(path: str, args) -> list[str]:
 
 
 def _run_one(spec, args, path: str) -> int:
-    from .bench import aggregate, expand, run_grid
+    from .sweep.executor import run_grid
+    from .sweep.report import aggregate
+    from .sweep.spec import expand
 
     if args.dry_run:
         cells = expand(spec)
@@ -235,7 +237,7 @@ def _run_one(spec, args, path: str) -> int:
     print(agg["markdown"])
     print("wrote " + ", ".join(str(f) for f in agg["files"]))
     if args.publish:
-        from .bench import publish
+        from .sweep.report import publish
         publish(args.publish, spec, agg, "cdp bench " + " ".join(shlex.quote(a) for a in _command_args(path, args)))
         print(f"published {spec.name} into {args.publish}")
     if failed:
@@ -246,7 +248,7 @@ def _run_one(spec, args, path: str) -> int:
 
 # ------------------------------------------------------------------------------------------------ cdp data
 def add_data(sub) -> None:
-    from .data.mujoco import KINDS, MujocoDataConfig
+    from .datagen.mujoco import KINDS, MujocoDataConfig
 
     p = sub.add_parser("data", help="generate datasets: D4RL-recipe MuJoCo locomotion (SAC) and PointMaze, scripted robosuite Lift / Can demos",
                        description=__doc__.split("\n\n")[0])
@@ -294,7 +296,7 @@ def add_data(sub) -> None:
 
 
 def run_data_mujoco(args) -> int:
-    from .data.mujoco import MujocoDataConfig, generate_mujoco_datasets
+    from .datagen.mujoco import MujocoDataConfig, generate_mujoco_datasets
 
     set_threads(args.threads)
     cfg = MujocoDataConfig(**{f.name: getattr(args, f.name) for f in fields(MujocoDataConfig)})
@@ -305,7 +307,7 @@ def run_data_mujoco(args) -> int:
 
 
 def run_data_maze(args) -> int:
-    from .data.maze import generate_maze_dataset
+    from .datagen.maze import generate_maze_dataset
 
     out = Path(args.out)
     ds = generate_maze_dataset(args.env, n_steps=args.steps, seed=args.seed, action_noise=args.action_noise, path=out,
@@ -316,7 +318,7 @@ def run_data_maze(args) -> int:
 
 
 def run_data_robosuite(args) -> int:
-    from .data.robosuite_demos import generate_robosuite_demos
+    from .datagen.robosuite import generate_robosuite_demos
 
     res = generate_robosuite_demos(args.task, args.n_demos, args.out, seed=args.seed, noise=args.noise,
                                    horizon=args.horizon, max_attempts=args.max_attempts, progress=not args.no_progress)

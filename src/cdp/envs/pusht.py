@@ -51,7 +51,7 @@ __all__ = [
     "PushTLowDim",
     "make_pusht_env",
     "replay_demo",
-    "evaluate_pusht",
+    "evaluate",
 ]
 
 #: (9, 2) dataset keypoints in the block frame (pixels), fitted from pusht_cchi_v7_replay.zarr (median over frames;
@@ -255,7 +255,7 @@ def replay_demo(episode_idx: int, zarr_path: str | None = None, return_details: 
     }
 
 
-def evaluate_pusht(
+def evaluate(
     policy_fn: Callable[[np.ndarray], np.ndarray],
     n_episodes: int = 50,
     seed_start: int = 100000,

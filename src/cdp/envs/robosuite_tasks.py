@@ -48,7 +48,7 @@ __all__ = [
     "patch_robosuite_for_mujoco4",
     "RobosuiteLowDim",
     "ScriptedPickPlace",
-    "evaluate_robosuite",
+    "evaluate",
     "env_args_for",
 ]
 
@@ -377,10 +377,10 @@ class ScriptedPickPlace:
 
 
 # -------------------------------------------------------------------------------------------------------- evaluation
-def evaluate_robosuite(policy_fn: Callable[[np.ndarray], np.ndarray], task: str = "lift", n_episodes: int = 50,
-                       seed_start: int = 100000, max_steps: int = HORIZON, n_obs_steps: int = 2,
-                       n_action_steps: int = 1, action_offset: int = 0, n_envs: int = 10,
-                       progress: bool = False) -> dict:
+def evaluate(policy_fn: Callable[[np.ndarray], np.ndarray], task: str = "lift", n_episodes: int = 50,
+             seed_start: int = 100000, max_steps: int = HORIZON, n_obs_steps: int = 2,
+             n_action_steps: int = 1, action_offset: int = 0, n_envs: int = 10,
+             progress: bool = False) -> dict:
     """Closed-loop success rate: ``n_episodes`` episodes on seeds ``seed_start, seed_start+1, ...``.
 
     Episodes run in groups of up to ``n_envs`` side by side (one robosuite env each, ~0.1 GB of memory, stepped in

@@ -3,7 +3,7 @@ CDP-DiT, DBC vs CDP-DBC, BC-GMM.
 
 Tasks (``data.task``): ``pusht`` (Diffusion Policy's replay buffer, evaluated with gym-pusht) and ``lift`` / ``can``
 (robomimic-layout hdf5, e.g. from ``cdp data lift``, with robomimic's low-dim keys
-:data:`cdp.envs.robosuite_tasks.OBS_KEYS`, success rate in robosuite, :func:`cdp.envs.robosuite_tasks.evaluate_robosuite`).
+:data:`cdp.envs.robosuite_tasks.OBS_KEYS`, success rate in robosuite, :func:`cdp.envs.robosuite_tasks.evaluate`).
 
 One run: load demonstrations (:func:`load_demos`), window them (:class:`cdp.data.il.SequenceWindows`), train the
 preset policy (``algo.name``, :data:`cdp.config.IL_PRESETS`) with :class:`cdp.training.agents.DiffusionBC` in
@@ -218,7 +218,7 @@ def load_demos(cfg: ExperimentConfig, path: str | os.PathLike | None = None):
 
 def policy_fn_for(policy: DiffusionPolicy, seed: int, sampler: str | None = None,
                   num_inference_steps: int | None = None):
-    """An :func:`~cdp.envs.pusht.evaluate_pusht` callback: obs (B, To, Do) numpy → actions (B, H, Da) numpy.
+    """An :func:`cdp.envs.pusht.evaluate` callback: obs (B, To, Do) numpy → actions (B, H, Da) numpy.
 
     All running episodes are sampled in one batch with a seeded generator (reproducible for a given seed).
     """
@@ -242,7 +242,7 @@ def evaluate_policy(policy: DiffusionPolicy, episodes: int, max_steps: int | Non
                     video_episodes: int = 0) -> dict:
     """Closed-loop evaluation of ``policy`` (use the EMA model) on seeds ``seed_start, seed_start+1, ...``.
 
-    PushT: evaluate_pusht's dict (with ``video_episodes`` > 0: GIFs of the first episodes in ``video_dir``); Lift / Can: :func:`~cdp.envs.robosuite_tasks.evaluate_robosuite`'s dict
+    PushT: :func:`cdp.envs.pusht.evaluate`'s dict (with ``video_episodes`` > 0: GIFs of the first episodes in ``video_dir``); Lift / Can: :func:`cdp.envs.robosuite_tasks.evaluate`'s dict
     (``success_rate`` = fraction of episodes where the env's ``_check_success()`` fired within ``max_steps``).
     Both plus ``seconds``. ``max_steps=None``: the task default (300 / 400). Raises ImportError without gym-pusht /
     robosuite, ValueError for an unknown task.
@@ -256,17 +256,17 @@ def evaluate_policy(policy: DiffusionPolicy, episodes: int, max_steps: int | Non
     max_steps = TASK_SPECS[task][1] if max_steps is None else max_steps
     t0 = time.time()
     if task != "pusht":
-        from ..envs.robosuite_tasks import evaluate_robosuite
+        from ..envs import robosuite_tasks
 
-        res = evaluate_robosuite(policy_fn_for(policy, seed, sampler, num_inference_steps), task=task,
-                                 n_episodes=episodes, seed_start=seed_start, max_steps=max_steps,
-                                 n_obs_steps=c.n_obs_steps, n_action_steps=c.n_action_steps,
-                                 action_offset=action_offset_for(c))
+        res = robosuite_tasks.evaluate(policy_fn_for(policy, seed, sampler, num_inference_steps), task=task,
+                                       n_episodes=episodes, seed_start=seed_start, max_steps=max_steps,
+                                       n_obs_steps=c.n_obs_steps, n_action_steps=c.n_action_steps,
+                                       action_offset=action_offset_for(c))
         res["seconds"] = time.time() - t0
         return res
-    from ..envs.pusht import evaluate_pusht
+    from ..envs import pusht
 
-    res = evaluate_pusht(policy_fn_for(policy, seed, sampler, num_inference_steps), n_episodes=episodes,
+    res = pusht.evaluate(policy_fn_for(policy, seed, sampler, num_inference_steps), n_episodes=episodes,
                          seed_start=seed_start, max_steps=max_steps, n_obs_steps=c.n_obs_steps,
                          n_action_steps=c.n_action_steps, action_offset=action_offset_for(c),
                          video_dir=video_dir, video_episodes=video_episodes)

@@ -68,8 +68,8 @@ def load_dataset(cfg: ExperimentConfig, out: Path, progress: bool = True):
         FileNotFoundError: ``data.path`` missing. ValueError: no env, no reference scores, observation / action
             dimensions that do not match the env, ``data.fraction`` outside (0, 1].
     """
-    from ..data.maze import generate_maze_dataset
     from ..data.rl import check_matches_env, load_d4rl_hdf5, subsample_trajectories
+    from ..datagen.maze import generate_maze_dataset
 
     d = cfg.data
     if not (0.0 < d.fraction <= 1.0):
@@ -111,14 +111,14 @@ def check_env(ds, check_matches_env) -> None:
     Raises:
         ValueError: ``dataset (Do, Da) do not match env``, naming both; an env id gymnasium does not know.
     """
-    from ..data.mujoco import is_locomotion
+    from ..envs.mujoco import is_locomotion
 
     try:
         if is_locomotion(ds.env_id):
             import gymnasium as gym
             env = gym.make(ds.env_id)
         else:
-            from ..data.maze import make_maze_env
+            from ..envs.maze import make_maze_env
             env = make_maze_env(ds.env_id)
     except ImportError:
         return  # no simulator installed: nothing to evaluate in either
@@ -138,12 +138,11 @@ def evaluate_agent(agent, ds, n_episodes: int = 10, seed: int = 1000, device: to
                    ) -> dict[str, Any]:
     """Roll the agent out in the dataset's env → D4RL normalized score (mean / std over episodes) and returns.
 
-    PointMaze datasets: :func:`cdp.data.maze.evaluate_policy`; Hopper / Walker2d / HalfCheetah:
-    :func:`cdp.data.mujoco.evaluate_locomotion` (vectorised episodes, the dataset's reference scores). Actions are
+    PointMaze datasets: :func:`cdp.envs.maze.evaluate`; Hopper / Walker2d / HalfCheetah:
+    :func:`cdp.envs.mujoco.evaluate` (vectorised episodes, the dataset's reference scores). Actions are
     sampled with a generator seeded with ``seed`` on ``device``.
     """
-    from ..data.maze import evaluate_policy
-    from ..data.mujoco import evaluate_locomotion, is_locomotion
+    from ..envs import maze, mujoco
 
     device = torch.device(device)
     gen = make_generator(seed, device)
@@ -151,11 +150,11 @@ def evaluate_agent(agent, ds, n_episodes: int = 10, seed: int = 1000, device: to
     def policy_fn(obs: np.ndarray) -> np.ndarray:
         return agent.act(torch.as_tensor(obs, dtype=torch.float32, device=device), generator=gen).cpu().numpy()
 
-    if is_locomotion(ds.env_id):
-        return evaluate_locomotion(policy_fn, ds.env_id, n_episodes=n_episodes, seed=seed,
-                                   ref_min=ds.ref_min_score, ref_max=ds.ref_max_score)
-    return evaluate_policy(policy_fn, ds.env_id or DEFAULT_ENV, n_episodes=n_episodes, seed=seed,
-                           reward_type=ds.meta.get("reward_type"), ref_min=ds.ref_min_score, ref_max=ds.ref_max_score)
+    if mujoco.is_locomotion(ds.env_id):
+        return mujoco.evaluate(policy_fn, ds.env_id, n_episodes=n_episodes, seed=seed,
+                               ref_min=ds.ref_min_score, ref_max=ds.ref_max_score)
+    return maze.evaluate(policy_fn, ds.env_id or DEFAULT_ENV, n_episodes=n_episodes, seed=seed,
+                         reward_type=ds.meta.get("reward_type"), ref_min=ds.ref_min_score, ref_max=ds.ref_max_score)
 
 
 def load_agent(directory: str | Path, device: torch.device | str = "cpu"):

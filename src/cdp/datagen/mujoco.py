@@ -34,10 +34,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .rl import OfflineDataset, load_d4rl_hdf5, normalized_score, ref_scores, vector_rollout, write_d4rl_hdf5
+from ..data.rl import OfflineDataset, load_d4rl_hdf5, normalized_score, ref_scores, write_d4rl_hdf5
+from ..envs import mujoco as mujoco_env
+from ..envs.mujoco import robot_name
 
-#: Gymnasium env id → D4RL robot name (for reference scores).
-LOCOMOTION_ENVS = {"Hopper-v5": "hopper", "Walker2d-v5": "walker2d", "HalfCheetah-v5": "halfcheetah"}
 KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 
 
@@ -47,27 +47,6 @@ def _require_sb3():
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError("dataset generation needs stable-baselines3: pip install 'cdp[rl]'") from e
     return stable_baselines3
-
-
-def robot_name(env_id: str) -> str:
-    """``"Hopper-v5"`` → ``"hopper"``; raises ``KeyError`` for an env without D4RL reference scores."""
-    if env_id in LOCOMOTION_ENVS:
-        return LOCOMOTION_ENVS[env_id]
-    base = env_id.split("-")[0].lower()
-    if base in ("hopper", "walker2d", "halfcheetah"):
-        return base
-    raise KeyError(f"no D4RL locomotion robot for env {env_id!r}; expected one of {sorted(LOCOMOTION_ENVS)}")
-
-
-def is_locomotion(env_id: str | None) -> bool:
-    """True for Hopper / Walker2d / HalfCheetah env ids (any version)."""
-    if not env_id:
-        return False
-    try:
-        robot_name(env_id)
-        return True
-    except KeyError:
-        return False
 
 
 @dataclass
@@ -130,43 +109,6 @@ def dataset_path(out_dir: str | os.PathLike, env_id: str, kind: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ rollouts
-def evaluate_locomotion(
-    policy_fn: Callable[[np.ndarray], np.ndarray],
-    env_id: str = "Hopper-v5",
-    n_episodes: int = 10,
-    seed: int = 0,
-    ref_min: float | None = None,
-    ref_max: float | None = None,
-    max_episode_steps: int | None = None,
-) -> dict[str, Any]:
-    """Roll ``policy_fn`` out for ``n_episodes`` episodes in parallel (one sub-env each, env i seeded ``seed + i``).
-
-    Args:
-        policy_fn: (B, Do) float32 observations → (B, Da) actions (numpy or torch) in the env's action space.
-        ref_min, ref_max: reference returns; default D4RL's for the robot.
-    Returns:
-        dict with ``mean_return``, ``std_return``, ``returns`` (n_episodes,), ``mean_length``,
-        ``normalized_score_mean`` / ``_std`` (D4RL normalised), ``success_rate`` (None: no success notion), ``steps``.
-    """
-    import gymnasium as gym
-
-    if n_episodes < 1:
-        raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
-    if ref_min is None or ref_max is None:
-        ref_min, ref_max = ref_scores(robot_name(env_id))
-    kw = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
-    venv = gym.vector.SyncVectorEnv([lambda: gym.make(env_id, **kw) for _ in range(n_episodes)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    try:
-        returns, lengths, _ = vector_rollout(venv, policy_fn, n_episodes, seed)
-    finally:
-        venv.close()
-    ns = np.asarray(normalized_score(None, returns, ref_min, ref_max))
-    return {"mean_return": float(returns.mean()), "std_return": float(returns.std()), "returns": returns,
-            "mean_length": float(lengths.mean()), "normalized_score_mean": float(ns.mean()),
-            "normalized_score_std": float(ns.std()), "success_rate": None, "steps": int(lengths.sum())}
-
-
 def rollout_dataset(
     policy_fn: Callable[[np.ndarray], np.ndarray],
     env_id: str,
@@ -302,7 +244,7 @@ def _train_sac(cfg: MujocoDataConfig, st: _SACState, target_steps: int, stop_at_
     rmin, rmax = ref_scores(robot_name(cfg.env_id))
 
     def eval_model(m) -> dict[str, float]:
-        res = evaluate_locomotion(lambda o: m.predict(o, deterministic=True)[0], cfg.env_id, cfg.eval_episodes,
+        res = mujoco_env.evaluate(lambda o: m.predict(o, deterministic=True)[0], cfg.env_id, cfg.eval_episodes,
                                   seed=10_000 + len(st.state["evals"]), ref_min=rmin, ref_max=rmax)
         return {"step": int(m.num_timesteps), "return": res["mean_return"],
                 "normalized_score": res["normalized_score_mean"], "length": res["mean_length"]}
@@ -374,7 +316,7 @@ def generate_mujoco_datasets(cfg: MujocoDataConfig, out_dir: str | os.PathLike, 
     cfg_path.write_text(json.dumps(cfg.to_dict(), indent=1))
     st = _SACState(out)
     paths = {k: dataset_path(out, cfg.env_id, k) for k in cfg.kinds}
-    common = {"generator": "cdp.data.mujoco.generate_mujoco_datasets", "recipe": "D4RL (Fu et al. 2020), scaled",
+    common = {"generator": "cdp.datagen.mujoco.generate_mujoco_datasets", "recipe": "D4RL (Fu et al. 2020), scaled",
               "sac": "stable-baselines3 SAC 2x256, lr 3e-4, batch 256", "seed": cfg.seed,
               "medium_score": cfg.medium_score}
     rmin, rmax = ref_scores(robot_name(cfg.env_id))
