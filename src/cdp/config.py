@@ -618,11 +618,12 @@ def apply(cfg: Any, overrides: dict[str, Any]) -> Any:
     return from_dict(type(cfg), unflatten(overrides), base=cfg)
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from ``path``; one clear error for a missing, empty-but-wrong or malformed file."""
+def load_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML mapping from ``path`` (a config file, a ``cdp bench`` spec); one clear error for a missing, non-mapping
+    or malformed file."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {p}")
+        raise FileNotFoundError(f"{what} not found: {p}")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
@@ -630,7 +631,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{p} must hold a mapping of config keys (e.g. 'train: {{steps: 1000}}')")
+        raise ValueError(f"{p} must hold a mapping of keys (e.g. 'train: {{steps: 1000}}')")
     return data
 
 

@@ -43,7 +43,7 @@ from ..policies.bc_gmm import BCGMMConfig, BCGMMPolicy
 from ..policy import DiffusionPolicy, DiffusionPolicyConfig
 from ..runs import RunDir, load_policy, median_call_ms
 from ..training.agents import DiffusionBC
-from ..training.trainer import check_resume, checkpoint_dir, data_fingerprint, fit, resumable_identity
+from ..training.trainer import check_resume, checkpoint_dir, fit, resumable_identity, run_identity
 
 PRESETS = IL_PRESETS
 TASKS = ("pusht", "lift", "can")
@@ -285,12 +285,8 @@ def summary_line(res: dict) -> str:
 
 
 def identity_of(cfg: ExperimentConfig, data: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed: the settings this job reads (less :data:`RESUMABLE`) and a
-    fingerprint of the training data."""
-    flat, used = flatten(cfg.to_dict()), used_keys("il", cfg.algo.name)
-    keep = {k: v for k, v in flat.items()
-            if k in used and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)}
-    return {**keep, **{f"data_fingerprint.{k}": v for k, v in data_fingerprint(data).items()}}
+    """The resume identity of a ``cdp train`` run (:func:`~cdp.training.trainer.run_identity`)."""
+    return run_identity(flatten(cfg.to_dict()), used_keys("il", cfg.algo.name), RESUMABLE, data)
 
 
 def run_il(cfg: ExperimentConfig, log=print) -> dict:

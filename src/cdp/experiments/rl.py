@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ExperimentConfig, RL_FIELD_KEYS, flatten, to_plain, used_keys
+from ..config import ExperimentConfig, RL_FIELD_KEYS, base_config, flatten, to_plain, used_keys
 from ..devices import make_generator, resolve_device
 from ..diagnostics import dataset_state_diagnostics
 from ..rl import algo_config_class, make_agent
 from ..runs import RunDir, load_checkpoint, median_call_ms
-from ..training.trainer import check_resume, data_fingerprint, fit
+from ..training.trainer import check_resume, fit, resumable_identity, run_identity
 
 DEFAULT_ENV = "PointMaze_UMaze-v3"
 #: settings that may change when a run is resumed (everything else must match the checkpoint)
@@ -178,12 +178,8 @@ def place(agent, device: torch.device | str, seed: int) -> None:
 
 
 def identity_of(cfg: ExperimentConfig, data: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed: the settings this job reads (less :data:`RESUMABLE`) and a
-    fingerprint of the training data."""
-    flat, used = flatten(cfg.to_dict()), used_keys("rl", cfg.algo.name)
-    keep = {k: v for k, v in flat.items()
-            if k in used and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)}
-    return {**keep, **{f"data_fingerprint.{k}": v for k, v in data_fingerprint(data).items()}}
+    """The resume identity of a ``cdp rl`` run (:func:`~cdp.training.trainer.run_identity`)."""
+    return run_identity(flatten(cfg.to_dict()), used_keys("rl", cfg.algo.name), RESUMABLE, data)
 
 
 def check_ranges(cfg: ExperimentConfig) -> None:
@@ -213,7 +209,7 @@ def run_rl(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
     t_data = time.perf_counter() - t0
     acfg = agent_config(cfg)
     data = dataset_tensors(ds)
-    identity = identity_of(cfg, data)
+    identity = resumable_identity(out, identity_of(cfg, data), flatten(base_config("rl", cfg.algo.name).to_dict()))
     check_resume(out, identity)  # before anything is written
     agent = make_agent(cfg.algo.name, ds.obs_dim, ds.act_dim, acfg, seed=cfg.train.seed)
     place(agent, device, cfg.train.seed)

@@ -3,7 +3,7 @@
 :class:`BCGMMPolicy` wraps :class:`cdp.policies.baselines.GMMPolicy` (robomimic ``GMMActorNetwork`` semantics: 5
 modes, tanh-squashed means, softplus std + 1e-4, NLL loss) with the pieces the IL job and its run folder expect of
 a policy — min-max normalisers stored as buffers, ``compute_loss`` / ``sample`` / ``fit_normalizers``, a
-``config`` with ``to_dict`` — so :func:`cdp.train.train_policy`, :func:`cdp.runs.save_policy` / ``load_policy`` and
+``config`` with ``to_dict`` — so :class:`cdp.training.agents.DiffusionBC`, :func:`cdp.runs.save_policy` / ``load_policy`` and
 the closed-loop evaluations serve it unchanged. Like DBC it maps the last ``To`` observations (flattened) to one
 action (H = 1).
 

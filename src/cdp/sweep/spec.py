@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 JOBS = ("rl", "il", "toy")
 #: sub-command of each job
@@ -237,14 +236,10 @@ def parse_spec(data: dict, where: str = "spec", check_flags: bool = True) -> Spe
 
 
 def load_spec(path: str | os.PathLike, check_flags: bool = True) -> Spec:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"spec not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
-    return parse_spec(data, where=str(path), check_flags=check_flags)
+    """Read and validate a spec file (:func:`parse_spec`). Raises FileNotFoundError / ValueError."""
+    from ..config import load_yaml
+
+    return parse_spec(load_yaml(path, "spec"), where=str(path), check_flags=check_flags)
 
 
 # ----------------------------------------------------------------------------------------------------------- grid

@@ -73,6 +73,15 @@ def _norm(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
 
+def run_identity(settings: dict[str, Any], read: set[str], resumable: tuple[str, ...],
+                 data: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed: the flat ``settings`` the job reads (``read``), less the
+    ``resumable`` ones (exact keys, or prefixes ending in ``.``), plus a fingerprint of the training data."""
+    keep = {k: v for k, v in settings.items()
+            if k in read and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in resumable)}
+    return {**keep, **{f"data_fingerprint.{k}": v for k, v in data_fingerprint(data).items()}}
+
+
 def resumable_identity(run_dir: str | Path, identity: dict[str, Any], defaults: dict[str, Any] | None = None
                        ) -> dict[str, Any]:
     """``identity`` less the keys that the checkpoint in ``run_dir`` does not record (settings added to the config
