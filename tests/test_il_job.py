@@ -195,7 +195,7 @@ def test_cli_parse_config_file_and_overrides(tmp_path):
                                          "algo.name cdp_dbc"):
         parse_job("train", ["--config", str(y), "--policy.network.unet_down_dims", "32", "64"])
     with pytest.raises(ValueError, match="policy.contraction.weight"):  # no contraction in plain DBC
-        resolve("il", cli=il_config("dbc", {"policy.contraction.weight": 0.5}))
+        resolve("il", il_config("dbc", {"policy.contraction.weight": 0.5}))
     cfg = parse_job("eval", ["--checkpoint", "runs/x/checkpoints/last", "--eval.episodes", "50"])
     assert cfg.eval.episodes == 50 and cfg.checkpoint == "runs/x/checkpoints/last" and cfg.job == "eval"
 

@@ -101,7 +101,7 @@ def parse_job(command: str, argv: list[str]) -> ExperimentConfig:
     cfg.job = job
     if cfg.out is None and job != "eval":
         cfg.out = f"runs/{job}"
-    return resolve(job, cli=cfg)
+    return resolve(job, cfg)
 
 
 def _nested(values: dict) -> dict:

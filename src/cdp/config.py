@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from .contraction import ContractionConfig
+from .devices import PRECISIONS
 from .nets.dit import DiTDenoiser
 from .nets.mlp import MLPDenoiser
 from .nets.unet1d import ConditionalUnet1D
@@ -61,8 +62,6 @@ def _d(owner: Any, name: str) -> Any:
 
 
 JOBS = ("toy", "il", "rl", "eval")
-DEVICES_HELP = "auto | cpu | cuda | cuda:N | mps"
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -433,14 +432,13 @@ def base_config(job: str, algo: str | None = None) -> "ExperimentConfig":
     return apply(ExperimentConfig(job=job), {**preset(job, algo), "job": job})
 
 
-def resolve(job: str, file_values: dict[str, Any] | None = None, cli: "ExperimentConfig | None" = None
-            ) -> "ExperimentConfig":
+def resolve(job: str, cfg: "ExperimentConfig") -> "ExperimentConfig":
     """Check a parsed tree against what ``job`` reads: a changed key the job ignores is an error, not a no-op.
 
     Raises:
-        ValueError: a key that does not apply to this job / algorithm (naming it), a NaN / inf value.
+        ValueError: a key that does not apply to this job / algorithm (naming it), a NaN / inf value, a setting out
+            of range.
     """
-    cfg = cli
     base = base_config(job, cfg.algo.name if job in ("rl", "il") else None)
     used = used_keys(job, cfg.algo.name)
     bad = [k for k in diff(base, cfg) if k not in used and not k.startswith("log.")]
@@ -653,7 +651,3 @@ def check_finite(cfg: ExperimentConfig) -> None:
         for x in vals:
             if isinstance(x, float) and not math.isfinite(x):
                 raise ValueError(f"{k} must be a finite number, got {x}")
-
-
-def replace(cfg: Any, **kw: Any) -> Any:
-    return dataclasses.replace(cfg, **kw)

@@ -112,7 +112,7 @@ def _check_overrides(job: str, algo: str, overrides: dict[str, Any]) -> None:
 
     cfg = apply(base_config(job, algo if job != "toy" else None), overrides)
     cfg = apply(cfg, {"algo.variants": [algo]} if job == "toy" else {"algo.name": algo})  # as the cell's flag does
-    resolve(job, cli=cfg)
+    resolve(job, cfg)
 
 
 def _valid_algos(job: str) -> set[str]:
