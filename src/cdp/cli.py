@@ -345,7 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``cdp ARGV``. A user error (bad flag value, file, checkpoint) ends in one line on stderr and exit code 2;
+    ``--debug`` (anywhere on the line) or ``CDP_DEBUG=1`` re-raises it with its traceback instead. An interrupted
+    training job (SIGINT / SIGTERM) writes a checkpoint after the step in flight and exits 130 / 143."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("CDP_DEBUG", "").strip().lower() in ("1", "true", "yes")
+    argv = [a for a in argv if a != "--debug"]
     command = argv[0] if argv else None
     try:
         if command in JOB_OF:
@@ -354,13 +359,20 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as e:  # bad input: one clear line, no traceback
+        if debug:
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"cdp {command}: error: {msg}", file=sys.stderr)
+        line = " ".join(str(msg).split())  # one line, whatever the message holds
+        print(f"cdp {command}: error: {line} (--debug shows the traceback)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"cdp {command}: interrupted; the last checkpoint is kept (re-run the same command to resume)",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        import signal
+        sigterm = getattr(e, "signum", None) == signal.SIGTERM
+        print(f"cdp {command}: {'terminated' if sigterm else 'interrupted'}; the last checkpoint is kept (re-run the "
+              f"same command to resume)", file=sys.stderr)
+        return 143 if sigterm else 130
 
 
 if __name__ == "__main__":

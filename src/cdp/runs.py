@@ -228,15 +228,29 @@ def load_checkpoint(directory: str | os.PathLike, with_state: bool = True
 
     Raises:
         FileNotFoundError: the folder or its ``model.safetensors`` / ``policy.json`` is missing.
-        ValueError: ``state.pt`` holds something other than tensors and plain containers, or is unreadable.
+        ValueError: a damaged ``model.safetensors`` or ``policy.json``, NaN / inf weights, or a ``state.pt`` that
+            holds something other than tensors and plain containers or is unreadable (one line naming the file).
     """
     directory = Path(directory)
     recover_checkpoint(directory)
     for name in ("model.safetensors", "policy.json"):
         if not (directory / name).exists():
             raise FileNotFoundError(f"not a cdp checkpoint: {directory / name} is missing")
-    tensors = load_file(str(directory / "model.safetensors"))
-    meta = json.loads((directory / "policy.json").read_text())
+    weights = directory / "model.safetensors"
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # SafetensorError (truncated / garbled header), OSError
+        raise ValueError(f"{weights} is damaged or not a safetensors file ({_one_line(e)}); restore the checkpoint "
+                         f"from a copy or retrain") from None
+    try:
+        meta = json.loads((directory / "policy.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{directory / 'policy.json'} is not valid JSON ({_one_line(e)}); restore the checkpoint "
+                         f"from a copy or retrain") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"checkpoint {directory} holds NaN/inf weights ({len(bad)} tensors, e.g. {bad[0]}): it was "
+                         f"written by a diverged or damaged run; use another checkpoint or retrain")
     state = None
     if with_state and (directory / "state.pt").exists():
         try:
@@ -273,5 +287,25 @@ def load_policy(directory: str | os.PathLike, use_ema: bool = True):
     policy = cls(cfg_cls.from_dict(meta["config"]))
     prefix = "ema." if use_ema and any(k.startswith("ema.") for k in tensors) else "model."
     sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    policy.load_state_dict(sd)
+    load_module_state(policy, sd, directory)
     return policy.eval()
+
+
+def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], directory: str | os.PathLike,
+                      name: str | None = None) -> None:
+    """``module.load_state_dict(state)`` with a mismatch (missing / unexpected keys, other shapes: the weights do not
+    belong to the ``policy.json`` beside them) as one ValueError naming the checkpoint."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "")
+        part = f" ({name})" if name else ""
+        raise ValueError(f"{Path(directory) / 'model.safetensors'}{part} does not match {Path(directory) / 'policy.json'} "
+                         f"({detail[:200]}); the checkpoint was modified or mixed from two runs: use an intact one or "
+                         f"retrain") from None
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:limit]

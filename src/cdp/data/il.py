@@ -220,7 +220,8 @@ def load_zarr_replay(
     try:
         root = zarr.open(path, mode="r")
     except Exception as e:  # zarr raises several types for non-stores
-        raise ValueError(f"could not open {path} as a zarr store: {e}") from e
+        raise ValueError(f"could not open {path} as a zarr store ({_one_line(e)}); pass the folder of a zarr replay "
+                         f"buffer (--data.path)") from None
     if not hasattr(root, "keys"):
         raise ValueError(f"{path} is a zarr array, expected a group with 'data' and 'meta'")
     top = sorted(root.keys())
@@ -237,7 +238,7 @@ def load_zarr_replay(
     if missing:
         raise ValueError(f"zarr store {path}: missing data keys {missing}; available keys: {available}")
 
-    actions = np.asarray(data[action_key][:])
+    actions = _read_zarr_array(data, action_key, path)
     if actions.ndim != 2:
         raise ValueError(f"data/{action_key} must have shape (N, Da), got {actions.shape}")
     n = actions.shape[0]
@@ -245,20 +246,44 @@ def load_zarr_replay(
     cache: dict[str, np.ndarray] = {}
     for name, sel in parsed:
         if name not in cache:
-            cache[name] = np.asarray(data[name][:])
+            cache[name] = _read_zarr_array(data, name, path)
         part = _take_obs(cache[name], f"data/{name}", sel, n)
         label = name if sel is None else f"{name}[{_sel_repr(sel)}]"
         layout[label] = (col, col + part.shape[1])
         col += part.shape[1]
         parts.append(part.astype(np.float32))
     obs = np.concatenate(parts, axis=1)
-    ends = np.asarray(meta["episode_ends"][:])
+    ends = _read_zarr_array(meta, "episode_ends", path, "meta")
     return EpisodicDataset(
         obs=obs,
         actions=actions,
         episode_ends=ends,
         meta={"source": path, "format": "zarr", "obs_keys": list(obs_keys), "obs_layout": layout},
     )
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:limit]
+
+
+def _read_zarr_array(group, name: str, path: str, where: str = "data") -> np.ndarray:
+    """``group[name][:]`` after checking that every chunk file is present (zarr would fill a missing chunk with the
+    fill value, i.e. silently read zeros); a missing or damaged chunk is one ValueError naming the array."""
+    label = f"{where}/{name}"
+    fix = "the replay buffer is incomplete or damaged: re-download or regenerate it, or pass another --data.path"
+    arr = group[name]
+    try:
+        total, present = int(arr.nchunks), int(arr.nchunks_initialized)
+    except (AttributeError, TypeError):  # a zarr version without these counters: no completeness check
+        total = present = 0
+    if present < total:
+        raise ValueError(f"zarr store {path}: {label} has {total - present} of {total} chunk files missing; {fix}")
+    try:
+        return np.asarray(arr[:])
+    except Exception as e:  # numcodecs / blosc RuntimeError or ValueError for a truncated chunk, OSError
+        raise ValueError(f"zarr store {path}: {label} cannot be decoded ({type(e).__name__}: {_one_line(e)}); "
+                         f"{fix}") from None
 
 
 def _sel_repr(sel) -> str:
@@ -341,73 +366,79 @@ def load_robomimic_hdf5(
     parsed = [_parse_obs_key(k) for k in obs_keys]
     if len(parsed) == 0:
         raise ValueError("obs_keys must name at least one observation")
+    fix = f"regenerate it (cdp data lift / cdp data can --out {path}) or pass another --data.path"
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is an empty file, not a robomimic hdf5; {fix}")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise ValueError(f"could not open {path} as hdf5: {e}") from e
-    with f:
-        if "data" not in f:
-            raise ValueError(f"{path}: no 'data' group; top-level keys: {sorted(f.keys())}")
-        grp = f["data"]
-        demos = []
-        for name in grp.keys():
-            m = _DEMO_RE.match(name)
-            if m:
-                demos.append((int(m.group(1)), name))
-        demos = [n for _, n in sorted(demos)]
-        if filter_key is not None:
-            if "mask" not in f or filter_key not in f["mask"]:
-                have = sorted(f["mask"].keys()) if "mask" in f else []
-                raise ValueError(f"{path}: filter key '{filter_key}' not found under mask/; available: {have}")
-            wanted = {x.decode() if isinstance(x, bytes) else str(x) for x in f["mask"][filter_key][:]}
-            demos = [d for d in demos if d in wanted]
-        if not demos:
-            raise ValueError(f"{path}: no 'demo_<i>' groups under data/; found {sorted(grp.keys())[:20]}")
+        raise ValueError(f"{path} is not a readable hdf5 file ({_one_line(e)}); {fix}") from None
+    try:
+        with f:
+            if "data" not in f:
+                raise ValueError(f"{path}: no 'data' group; top-level keys: {sorted(f.keys())}")
+            grp = f["data"]
+            demos = []
+            for name in grp.keys():
+                m = _DEMO_RE.match(name)
+                if m:
+                    demos.append((int(m.group(1)), name))
+            demos = [n for _, n in sorted(demos)]
+            if filter_key is not None:
+                if "mask" not in f or filter_key not in f["mask"]:
+                    have = sorted(f["mask"].keys()) if "mask" in f else []
+                    raise ValueError(f"{path}: filter key '{filter_key}' not found under mask/; available: {have}")
+                wanted = {x.decode() if isinstance(x, bytes) else str(x) for x in f["mask"][filter_key][:]}
+                demos = [d for d in demos if d in wanted]
+            if not demos:
+                raise ValueError(f"{path}: no 'demo_<i>' groups under data/; found {sorted(grp.keys())[:20]}")
 
-        env_args = None
-        if "env_args" in grp.attrs:
-            raw = grp.attrs["env_args"]
-            if isinstance(raw, bytes):
-                raw = raw.decode()
-            try:
-                env_args = json.loads(raw)
-            except (TypeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: data.attrs['env_args'] is not valid JSON: {e}") from e
+            env_args = None
+            if "env_args" in grp.attrs:
+                raw = grp.attrs["env_args"]
+                if isinstance(raw, bytes):
+                    raw = raw.decode()
+                try:
+                    env_args = json.loads(raw)
+                except (TypeError, json.JSONDecodeError) as e:
+                    raise ValueError(f"{path}: data.attrs['env_args'] is not valid JSON: {e}") from e
 
-        obs_list, act_list, lengths = [], [], []
-        layout: dict[str, tuple[int, int]] = {}
-        for di, d in enumerate(demos):
-            g = grp[d]
-            if action_key not in g:
-                raise ValueError(f"{path}: data/{d} has no '{action_key}'; keys: {sorted(g.keys())}")
-            if "obs" not in g:
-                raise ValueError(f"{path}: data/{d} has no 'obs' group; keys: {sorted(g.keys())}")
-            og = g["obs"]
-            missing = [n for n, _ in parsed if n not in og]
-            if missing:
-                raise ValueError(f"{path}: data/{d}/obs is missing keys {missing}; available: {sorted(og.keys())}")
-            a = np.asarray(g[action_key][:])
-            if a.ndim != 2:
-                raise ValueError(f"{path}: data/{d}/{action_key} must have shape (L, Da), got {a.shape}")
-            parts, col = [], 0
-            for name, sel in parsed:
-                p = _take_obs(np.asarray(og[name][:]), f"data/{d}/obs/{name}", sel, a.shape[0])
-                if di == 0:
-                    label = name if sel is None else f"{name}[{_sel_repr(sel)}]"
-                    layout[label] = (col, col + p.shape[1])
-                col += p.shape[1]
-                parts.append(p.astype(np.float32))
-            o = np.concatenate(parts, axis=1)
-            if obs_list and (o.shape[1] != obs_list[0].shape[1] or a.shape[1] != act_list[0].shape[1]):
-                raise ValueError(
-                    f"{path}: data/{d} has obs/action dims {o.shape[1]}/{a.shape[1]}, but the first demo has "
-                    f"{obs_list[0].shape[1]}/{act_list[0].shape[1]}"
-                )
-            if a.shape[0] == 0:
-                raise ValueError(f"{path}: data/{d} is empty")
-            obs_list.append(o)
-            act_list.append(a)
-            lengths.append(a.shape[0])
+            obs_list, act_list, lengths = [], [], []
+            layout: dict[str, tuple[int, int]] = {}
+            for di, d in enumerate(demos):
+                g = grp[d]
+                if action_key not in g:
+                    raise ValueError(f"{path}: data/{d} has no '{action_key}'; keys: {sorted(g.keys())}")
+                if "obs" not in g:
+                    raise ValueError(f"{path}: data/{d} has no 'obs' group; keys: {sorted(g.keys())}")
+                og = g["obs"]
+                missing = [n for n, _ in parsed if n not in og]
+                if missing:
+                    raise ValueError(f"{path}: data/{d}/obs is missing keys {missing}; available: {sorted(og.keys())}")
+                a = np.asarray(g[action_key][:])
+                if a.ndim != 2:
+                    raise ValueError(f"{path}: data/{d}/{action_key} must have shape (L, Da), got {a.shape}")
+                parts, col = [], 0
+                for name, sel in parsed:
+                    p = _take_obs(np.asarray(og[name][:]), f"data/{d}/obs/{name}", sel, a.shape[0])
+                    if di == 0:
+                        label = name if sel is None else f"{name}[{_sel_repr(sel)}]"
+                        layout[label] = (col, col + p.shape[1])
+                    col += p.shape[1]
+                    parts.append(p.astype(np.float32))
+                o = np.concatenate(parts, axis=1)
+                if obs_list and (o.shape[1] != obs_list[0].shape[1] or a.shape[1] != act_list[0].shape[1]):
+                    raise ValueError(
+                        f"{path}: data/{d} has obs/action dims {o.shape[1]}/{a.shape[1]}, but the first demo has "
+                        f"{obs_list[0].shape[1]}/{act_list[0].shape[1]}"
+                    )
+                if a.shape[0] == 0:
+                    raise ValueError(f"{path}: data/{d} is empty")
+                obs_list.append(o)
+                act_list.append(a)
+                lengths.append(a.shape[0])
+    except OSError as e:  # a truncated file fails when its data is read
+        raise ValueError(f"{path} is damaged: reading it failed ({_one_line(e)}); {fix}") from None
     return EpisodicDataset(
         obs=np.concatenate(obs_list),
         actions=np.concatenate(act_list),

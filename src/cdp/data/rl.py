@@ -309,29 +309,41 @@ def load_d4rl_hdf5(
     Raises:
         FileNotFoundError: ``path`` does not exist.
         KeyError: required keys missing (the message lists the keys present).
-        ValueError: mismatched lengths / ranks, NaN or inf.
+        ValueError: an empty, truncated or non-hdf5 file; no rows; mismatched lengths / ranks, NaN or inf (one
+            line naming the file).
     """
     import h5py
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"D4RL hdf5 file not found: {path}")
-    with h5py.File(path, "r") as f:
-        present: list[str] = []
-        f.visit(lambda name: present.append(name) if isinstance(f[name], h5py.Dataset) else None)
-        missing = [k for k in REQUIRED_KEYS if k not in f]
-        if missing:
-            raise KeyError(f"{path}: missing key(s) {missing}; keys present: {sorted(present)}")
-        raw = {k: np.asarray(f[k][()]) for k in REQUIRED_KEYS}
-        has_next = "next_observations" in f
-        if has_next:
-            raw["next_observations"] = np.asarray(f["next_observations"][()])
-        starts = np.asarray(f[_EPISODE_STARTS_KEY][()]) if _EPISODE_STARTS_KEY in f else None
-        attrs = {k: _attr(v) for k, v in f.attrs.items()}
+    fix = "regenerate it (cdp data mujoco / cdp data maze) or pass another --data.path"
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is an empty file, not an hdf5 dataset; {fix}")
+    try:
+        with h5py.File(path, "r") as f:
+            present: list[str] = []
+            f.visit(lambda name: present.append(name) if isinstance(f[name], h5py.Dataset) else None)
+            missing = [k for k in REQUIRED_KEYS if k not in f]
+            if missing:
+                raise KeyError(f"{path}: missing key(s) {missing}; keys present: {sorted(present)}")
+            raw = {k: np.asarray(f[k][()]) for k in REQUIRED_KEYS}
+            has_next = "next_observations" in f
+            if has_next:
+                raw["next_observations"] = np.asarray(f["next_observations"][()])
+            starts = np.asarray(f[_EPISODE_STARTS_KEY][()]) if _EPISODE_STARTS_KEY in f else None
+            attrs = {k: _attr(v) for k, v in f.attrs.items()}
+    except OSError as e:  # not hdf5 (signature), truncated (eof), damaged chunks
+        raise ValueError(f"{path} is not a readable hdf5 file ({one_line(e)}); {fix}") from None
     for k in ("rewards", "terminals", "timeouts"):
         if raw[k].ndim == 2 and raw[k].shape[1] == 1:
             raw[k] = raw[k][:, 0]
-    _validate_arrays(raw)
+    try:
+        _validate_arrays(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}; {fix}") from None
+    if raw["observations"].shape[0] == 0:
+        raise ValueError(f"{path} holds no transitions (observations has 0 rows); {fix}")
 
     if has_next:
         arrays = dict(raw)
@@ -350,6 +362,12 @@ def load_d4rl_hdf5(
     meta = {k: v for k, v in attrs.items() if k not in ("env_id", "ref_min_score", "ref_max_score")}
     meta["source"] = str(path)
     return OfflineDataset(**arrays, env_id=env_id, ref_min_score=rmin, ref_max_score=rmax, meta=meta)
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), for one-line user errors."""
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:limit]
 
 
 def _attr(v: Any) -> Any:

@@ -49,6 +49,8 @@ PRESETS = IL_PRESETS
 TASKS = ("pusht", "lift", "can")
 #: task → (action dim, default evaluation length in env steps): PushT 300 (DP's max_steps), robomimic's horizon 400
 TASK_SPECS: dict[str, tuple[int, int]] = {"pusht": (2, 300), "lift": (7, 400), "can": (7, 400)}
+#: task → observation dim of its low-dim observations (PushT keypoints + agent, robomimic's low-dim keys)
+TASK_OBS_DIMS: dict[str, int] = {"pusht": 20, "lift": 19, "can": 23}
 #: task → robosuite env name expected in a robomimic file's ``env_args``
 ROBOSUITE_ENV_NAMES = {"lift": "Lift", "can": "PickPlaceCan"}
 
@@ -394,6 +396,23 @@ def task_of_checkpoint(checkpoint: str | os.PathLike) -> str:
     return "pusht"
 
 
+def check_policy_fits_task(config, task: str, checkpoint: str | os.PathLike, trained: str | None = None) -> None:
+    """A policy's observation / action dims against ``task``'s (:data:`TASK_OBS_DIMS`, :data:`TASK_SPECS`).
+
+    Raises:
+        ValueError: one line naming the checkpoint, both shapes and the fix.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown data.task {task!r}; expected one of {TASKS}")
+    want = (TASK_OBS_DIMS[task], TASK_SPECS[task][0])
+    have = (int(config.obs_dim), int(config.action_dim))
+    if have != want:
+        of = next((t for t in TASKS if (TASK_OBS_DIMS[t], TASK_SPECS[t][0]) == have), trained)
+        raise ValueError(f"checkpoint {checkpoint} is a{'' if of is None else ' ' + of} policy (obs {have[0]}-D, actions "
+                         f"{have[1]}-D) but --data.task {task} needs obs {want[0]}-D, actions {want[1]}-D; drop "
+                         f"--data.task to evaluate it in its own task, or pass a {task} checkpoint")
+
+
 def eval_checkpoint(checkpoint: str | os.PathLike, episodes: int = 50, max_steps: int | None = None,
                     seed_start: int = 100000, seed: int = 0, sampler: str | None = None,
                     num_inference_steps: int | None = None, task: str | None = None,
@@ -408,7 +427,9 @@ def eval_checkpoint(checkpoint: str | os.PathLike, episodes: int = 50, max_steps
     without gym-pusht / robosuite.
     """
     policy = load_policy(checkpoint, use_ema=True).to(torch.device(device))
-    task = task_of_checkpoint(checkpoint) if task is None else task
+    trained = task_of_checkpoint(checkpoint)
+    task = trained if task is None else task
+    check_policy_fits_task(policy.config, task, checkpoint, trained)
     res = evaluate_policy(policy, episodes, max_steps, seed_start, seed, sampler, num_inference_steps, task=task,
                           video_dir=video_dir, video_episodes=video_episodes)
     res["checkpoint"] = str(checkpoint)

@@ -22,7 +22,7 @@ from ..config import ExperimentConfig, RL_FIELD_KEYS, base_config, flatten, to_p
 from ..devices import make_generator, resolve_device
 from ..diagnostics import dataset_state_diagnostics
 from ..rl import algo_config_class, make_agent
-from ..runs import RunDir, load_checkpoint, median_call_ms
+from ..runs import RunDir, load_checkpoint, load_module_state, median_call_ms
 from ..training.trainer import check_resume, fit, resumable_identity, run_identity
 
 DEFAULT_ENV = "PointMaze_UMaze-v3"
@@ -163,7 +163,7 @@ def load_agent(directory: str | Path, device: torch.device | str = "cpu"):
     agent = make_agent(meta["algo"], meta["obs_dim"], meta["action_dim"], meta["config"])
     for name, m in agent.modules().items():
         p = name + "."
-        m.load_state_dict({k[len(p):]: v for k, v in tensors.items() if k.startswith(p)})
+        load_module_state(m, {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}, directory, name)
     place(agent, device, 0)
     return agent, meta
 

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..devices import autocast, make_generator
-from ..runs import RunDir, load_checkpoint, recover_checkpoint, save_checkpoint
+from ..runs import RunDir, load_checkpoint, load_module_state, recover_checkpoint, save_checkpoint
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -99,7 +99,8 @@ def check_resume(run_dir: str | Path, identity: dict[str, Any]) -> int:
     """The step of ``run_dir``'s checkpoint (0 when there is none) after checking it belongs to this run.
 
     Raises:
-        ValueError: the checkpoint was written by a run with another ``identity`` (naming the differing keys).
+        ValueError: the checkpoint was written by a run with another ``identity`` (naming the differing keys), or its
+            files are damaged (:func:`cdp.runs.load_checkpoint`).
     """
     ck = checkpoint_dir(run_dir)
     recover_checkpoint(ck)
@@ -114,6 +115,7 @@ def check_resume(run_dir: str | Path, identity: dict[str, Any]) -> int:
         shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in keys[:6])
         raise ValueError(f"{run_dir} holds a different run ({shown}); resume with the same settings or use a new "
                          f"run folder (--out)")
+    load_checkpoint(ck)  # damaged weights / state are refused here, before the caller writes anything
     return int(meta.get("step", 0))
 
 
@@ -167,7 +169,7 @@ def fit(agent, data: dict[str, torch.Tensor], *, steps: int, batch_size: int, se
         tensors, meta, state = load_checkpoint(ckpt)
         for name, m in agent.modules().items():
             p = name + "."
-            m.load_state_dict({k[len(p):]: v for k, v in tensors.items() if k.startswith(p)})
+            load_module_state(m, {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}, ckpt, name)
         if state is not None:
             for name, opt in agent.optimizers().items():
                 opt.load_state_dict(state["optimizers"][name])
@@ -229,7 +231,8 @@ def fit(agent, data: dict[str, torch.Tensor], *, steps: int, batch_size: int, se
             if interrupted.requested:
                 bar.close()
                 checkpoint(step + 1)
-                raise KeyboardInterrupt(f"interrupted after step {step + 1}; checkpoint written to {ckpt}")
+                raise Interrupted(interrupted.signum, f"{interrupted.name} after step {step + 1}; checkpoint "
+                                                      f"written to {ckpt}")
     bar.close()
     if steps > start or (ckpt is not None and not ckpt.exists()):
         checkpoint(max(steps, start))
@@ -238,28 +241,46 @@ def fit(agent, data: dict[str, torch.Tensor], *, steps: int, batch_size: int, se
             "train_s": total - eval_s, "eval_s": eval_s}
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM after a step was finished and checkpointed; ``signum`` says which
+    (``cdp`` exits 130 / 143)."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 class _InterruptAfterStep:
-    """Within the loop, Ctrl-C (SIGINT) finishes the current step, writes a checkpoint and then raises
-    KeyboardInterrupt, so an interrupted run resumes exactly; a second Ctrl-C interrupts at once. Only in the main
-    thread (elsewhere signals cannot be handled and the default behaviour stays)."""
+    """Within the loop, Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and then raises
+    :class:`Interrupted` (a KeyboardInterrupt), so an interrupted run resumes exactly; a second signal interrupts at
+    once. Only in the main thread (elsewhere signals cannot be handled and the default behaviour stays)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return "terminated (SIGTERM)" if self.signum == signal.SIGTERM else "interrupted"
 
     def _handler(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise Interrupted(signum, "interrupted again: stopped without a checkpoint of the step in flight")
+        self.requested, self.signum = True, signum
 
     def __enter__(self) -> "_InterruptAfterStep":
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 def _to_cpu(x: Any) -> Any:
