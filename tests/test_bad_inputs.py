@@ -235,3 +235,11 @@ def test_sigterm_checkpoints_after_the_step_and_exits_143(tmp_path, capsys, monk
     assert main(argv) == 0
     _, meta, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "last")
     assert meta["step"] == 8
+
+
+def test_inference_steps_above_the_diffusion_steps_name_the_flag():
+    from cdp.cli import parse_job
+    from cdp.experiments.rl import agent_config
+    cfg = parse_job("rl", ["--algo.name", "edp", "--policy.schedule.num_steps", "5"])
+    with pytest.raises(ValueError, match=r"num_inference_steps must be in 1\.\.5, got 15 .*--policy\.num_inference_steps"):
+        agent_config(cfg)
