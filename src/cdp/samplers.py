@@ -5,7 +5,17 @@ integrator of the probability-flow ODE used by the diagnostics.
 Every sampler works on the discrete chain of a :class:`~cdp.schedules.NoiseSchedule` (training steps k = 1..T,
 fed to the network as t = k/T). ``set_timesteps(n)`` picks n of them, evenly spaced and "trailing" (the first is
 always T), and each ``step`` moves from ``timesteps[i]`` to ``timesteps[i+1]`` (0 after the last, i.e. the clean
-action). Noise is injectable: pass ``noise`` to ``step`` (DDPM) and the initial sample to :func:`sample`.
+action). ``set_timesteps(timesteps=[...])`` takes any descending steps instead. Noise is injectable: pass ``noise``
+to ``step`` (DDPM) and the initial sample to :func:`sample`.
+
+diffusers correspondence (``tests/test_diffusers_parity.py``): with ``NoiseSchedule.from_diffusers(scheduler)``, cdp
+step k is diffusers timestep k − 1, and each ``step`` equals the scheduler's ``step()`` on the same sample, model
+output and noise for ``DDPMScheduler`` (``variance_type="fixed_small"``), ``DDIMScheduler`` (η = 0,
+``set_alpha_to_one=True``; with clipping, ``use_clipped_model_output=True``, because cdp re-derives ε̂ from the
+clipped x̂0) and ``DPMSolverMultistepScheduler`` (``dpmsolver++``, order 2, ``midpoint``,
+``final_sigmas_type="zero"``). ``set_timesteps(n)`` is ``timestep_spacing="trailing"``; other spacings are
+``set_timesteps(timesteps=(scheduler.timesteps + 1).tolist())``. DDIMScheduler steps to t − T // n, not to the next
+chosen timestep, so with "trailing" and n not dividing T the two differ.
 
 Sources: Ho et al. 2020 (DDPM posterior), Song et al. 2021 (DDIM), Lu et al. 2022 "DPM-Solver++" (Alg. 2, 2M),
 diffusers ``DDPMScheduler`` / ``DDIMScheduler`` / ``DPMSolverMultistepScheduler`` (API shape only).
@@ -79,14 +89,31 @@ class DiffusionSampler:
         self.clip_sample = clip_sample
         self.set_timesteps(schedule.num_steps)
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        """Choose ``num_inference_steps`` of the T training steps, descending, always starting at T."""
+    def set_timesteps(self, num_inference_steps: int | None = None, timesteps: "list[int] | None" = None) -> None:
+        """Choose the sampling steps: ``num_inference_steps`` of the T training steps, evenly spaced, descending,
+        always starting at T (diffusers' ``timestep_spacing="trailing"``), or the given descending ``timesteps``
+        (distinct integers in 1..T). Each :meth:`step` goes to the next chosen step, 0 after the last.
+
+        A diffusers scheduler's spacing ("leading", "linspace", a ``steps_offset``) is reproduced by
+        ``timesteps=(scheduler.timesteps + 1).tolist()`` (cdp step k is diffusers timestep k − 1).
+
+        Raises:
+            ValueError: neither or both given, or values out of range / not strictly descending.
+        """
         T = self.schedule.num_steps
-        if not isinstance(num_inference_steps, int) or not (1 <= num_inference_steps <= T):
-            raise ValueError(f"num_inference_steps must be an integer in 1..{T} (the training steps), got {num_inference_steps!r}")
-        n = num_inference_steps
-        ks = torch.round(torch.arange(n, 0, -1, dtype=torch.float64) * T / n).long()
-        self.timesteps = ks  # (n,) descending, first is T
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps and timesteps")
+        if timesteps is not None:
+            ks = torch.as_tensor(timesteps).to(torch.long).reshape(-1)
+            if len(ks) == 0 or (ks < 1).any() or (ks > T).any() or (ks[1:] >= ks[:-1]).any():
+                raise ValueError(f"timesteps must be strictly descending integers in 1..{T}, got {ks.tolist()}")
+        else:
+            if not isinstance(num_inference_steps, int) or not (1 <= num_inference_steps <= T):
+                raise ValueError(f"num_inference_steps must be an integer in 1..{T} (the training steps), "
+                                 f"got {num_inference_steps!r}")
+            n = num_inference_steps
+            ks = torch.round(torch.arange(n, 0, -1, dtype=torch.float64) * T / n).long()
+        self.timesteps = ks  # (n,) descending (first is T unless given)
         self.prev_timesteps = torch.cat([ks[1:], torch.zeros(1, dtype=torch.long)])
         self._history: list[torch.Tensor] = []
         # Per-step constants as Python floats, computed once here so that step() creates no tensors for them.

@@ -10,6 +10,9 @@ with :math:`\beta(t) = -2\,\mathrm d\log\alpha_t/\mathrm dt` (Song et al., ICLR 
 ``T`` steps is the continuous one read at :math:`t_k = k/T`, :math:`k = 1..T` (``alphas_cumprod[k-1] = \alpha_{t_k}^2``),
 except for the cosine schedule whose per-step betas are clipped at 0.999 exactly as DDPM-improved / diffusers'
 ``squaredcos_cap_v2`` do. Networks are fed ``t`` (a float in [0, 1]); a discrete step ``k`` is fed as ``k / T``.
+A *tabulated* schedule (``name="tabulated"``, e.g. :meth:`NoiseSchedule.from_diffusers`) is given by its
+``alphas_cumprod`` alone; its continuous time interpolates :math:`\log\bar\alpha` linearly between the grid points
+``k / T`` (with :math:`\bar\alpha = 1` at t = 0), so α_t and σ_t at ``t = k / T`` are the discrete chain's.
 
 *Sampling time* :math:`\tau = 1 - t` runs from 0 (noise) to 1 (action): it is the direction in which a policy
 integrates. The probability-flow ODE written in sampling time is
@@ -42,7 +45,8 @@ from typing import Literal
 
 import torch
 
-ScheduleName = Literal["linear", "cosine", "vp"]
+ScheduleName = Literal["linear", "cosine", "vp", "tabulated"]
+SCHEDULE_NAMES = ("linear", "cosine", "vp", "tabulated")
 PredictionType = Literal["epsilon", "sample", "score"]
 PREDICTION_TYPES = ("epsilon", "sample", "score")
 
@@ -56,10 +60,12 @@ class ScheduleConfig:
             0.1 / 20, the continuous limit of DDPM's ``linspace(1e-4, 0.02, 1000)``), ``"vp"`` (the Diffusion-QL
             schedule: same form with 0.1 / 10, whose discrete betas are
             ``1 - exp(-b_min/T - (b_max-b_min)(2k-1)/(2T^2))``; Wang et al. 2023, ``diffusion.py``), or ``"cosine"``
-            (Nichol & Dhariwal 2021, offset s = 0.008, betas clipped at 0.999).
+            (Nichol & Dhariwal 2021, offset s = 0.008, betas clipped at 0.999), or ``"tabulated"`` (the discrete
+            chain given by ``alphas_cumprod``; see :meth:`NoiseSchedule.from_diffusers`).
         num_steps: T, the number of discrete diffusion steps used for training (≥ 1).
         beta_min, beta_max: override the linear/vp end points (continuous-time units).
         cosine_s: the cosine schedule's offset.
+        alphas_cumprod: only for ``"tabulated"``: ᾱ_k for k = 1..T (T values, non-increasing, in (0, 1)).
     """
 
     name: ScheduleName = "vp"
@@ -67,12 +73,25 @@ class ScheduleConfig:
     beta_min: float | None = None
     beta_max: float | None = None
     cosine_s: float = 0.008
+    alphas_cumprod: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in ("linear", "cosine", "vp"):
-            raise ValueError(f"unknown schedule {self.name!r}; expected one of 'linear', 'cosine', 'vp'")
+        if self.name not in SCHEDULE_NAMES:
+            raise ValueError(f"unknown schedule {self.name!r}; expected one of {', '.join(map(repr, SCHEDULE_NAMES))}")
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {self.num_steps!r}")
+        if (self.name == "tabulated") != (self.alphas_cumprod is not None):
+            raise ValueError("alphas_cumprod is given exactly for the 'tabulated' schedule")
+        if self.name == "tabulated":
+            ac = tuple(float(x) for x in self.alphas_cumprod)
+            object.__setattr__(self, "alphas_cumprod", ac)  # a JSON list → a tuple
+            if len(ac) != self.num_steps:
+                raise ValueError(f"alphas_cumprod has {len(ac)} values, num_steps is {self.num_steps}")
+            if not all(0 < x < 1 for x in ac) or any(b > a for a, b in zip(ac, ac[1:])):
+                raise ValueError("alphas_cumprod must be non-increasing and lie in (0, 1)")
+            if self.beta_min is not None or self.beta_max is not None:
+                raise ValueError("beta_min/beta_max do not apply to the tabulated schedule")
+            return
         if self.name == "cosine" and (self.beta_min is not None or self.beta_max is not None):
             raise ValueError("beta_min/beta_max do not apply to the cosine schedule")
         bmin, bmax = self.betas_range()
@@ -82,7 +101,8 @@ class ScheduleConfig:
             raise ValueError(f"cosine_s must be in [0, 1), got {self.cosine_s}")
 
     def betas_range(self) -> tuple[float, float]:
-        defaults = {"linear": (0.1, 20.0), "vp": (0.1, 10.0), "cosine": (float("nan"), float("nan"))}[self.name]
+        nan = (float("nan"), float("nan"))
+        defaults = {"linear": (0.1, 20.0), "vp": (0.1, 10.0), "cosine": nan, "tabulated": nan}[self.name]
         return (
             defaults[0] if self.beta_min is None else float(self.beta_min),
             defaults[1] if self.beta_max is None else float(self.beta_max),
@@ -115,6 +135,10 @@ class NoiseSchedule:
                 return torch.cos((x + c.cosine_s) / (1 + c.cosine_s) * math.pi / 2) ** 2
             betas = torch.clamp(1 - abar(k / T) / abar((k - 1) / T), max=0.999)
             self._alphas_cumprod = torch.cumprod(1 - betas, 0)
+        elif c.name == "tabulated":
+            self._alphas_cumprod = torch.tensor(c.alphas_cumprod, dtype=torch.float64)
+            #: (T + 1,) log ᾱ at t = 0, 1/T, ..., 1 (the knots of the continuous-time interpolation)
+            self._log_abar_knots = torch.cat([torch.zeros(1, dtype=torch.float64), self._alphas_cumprod.log()])
         else:
             self._alphas_cumprod = torch.exp(2 * self._log_alpha_linear(k / T))
         #: (T,) float64, ᾱ_k for k = 1..T
@@ -122,7 +146,57 @@ class NoiseSchedule:
         #: (T,) float64, per-step betas of the discrete chain
         self.betas = 1 - self.alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
 
+    @classmethod
+    def from_diffusers(cls, scheduler) -> "NoiseSchedule":
+        r"""The discrete chain of a diffusers scheduler (``DDPMScheduler``, ``DDIMScheduler``,
+        ``DPMSolverMultistepScheduler``, or any with ``alphas_cumprod`` and ``config.num_train_timesteps``), as a
+        ``"tabulated"`` schedule.
+
+        ``alphas_cumprod`` is the scheduler's own tensor (converted to float64, so the values are equal exactly),
+        whatever its ``beta_schedule`` (``linear``, ``scaled_linear``, ``squaredcos_cap_v2``, trained betas).
+
+        **Timestep mapping**: cdp's discrete step ``k`` (1..T, network time input ``t = k / T``) is diffusers'
+        timestep ``k - 1`` (0..T-1): ``schedule.alphas_cumprod[k - 1] == scheduler.alphas_cumprod[k - 1]`` and
+        ``schedule.add_noise(a0, eps, k)`` equals ``scheduler.add_noise(a0, eps, k - 1)``. A network trained in
+        diffusers on integer timesteps ``t_d`` is called from cdp as ``net(x, t_d = round(t * T) - 1, cond)``; the
+        sampler timesteps of a diffusers scheduler are cdp's ``scheduler.timesteps + 1``
+        (``sampler.set_timesteps(timesteps=(scheduler.timesteps + 1).tolist())``).
+
+        The prediction type is not part of the schedule: pass ``scheduler.config.prediction_type`` (``"epsilon"``
+        or ``"sample"``; cdp has no ``v_prediction``) to the regulariser and the samplers.
+
+        Raises:
+            ValueError: the scheduler has no ``alphas_cumprod`` of ``num_train_timesteps`` values, or ᾱ_T is 0
+                (``rescale_betas_zero_snr``: α_T = 0 has no ε → x̂0 conversion).
+        """
+        ac = getattr(scheduler, "alphas_cumprod", None)
+        cfg = getattr(scheduler, "config", None)
+        T = getattr(cfg, "num_train_timesteps", None) if cfg is not None else None
+        if ac is None or T is None:
+            raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod / config.num_train_timesteps; "
+                             "expected a diffusers DDPM / DDIM / DPMSolverMultistep scheduler")
+        ac = torch.as_tensor(ac).detach().cpu().to(torch.float64)
+        if ac.shape != (int(T),):
+            raise ValueError(f"alphas_cumprod has shape {tuple(ac.shape)}, expected ({T},)")
+        if cfg.get("rescale_betas_zero_snr", False):
+            raise ValueError("rescale_betas_zero_snr=True makes alpha_T = 0 (zero terminal SNR), which the epsilon "
+                             "parametrisation of cdp cannot invert; use a scheduler without it")
+        return cls(ScheduleConfig(name="tabulated", num_steps=int(T), alphas_cumprod=tuple(ac.tolist())))
+
     # ----------------------------------------------------------------------------------------------- continuous time
+    def _tab_segment(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(j, u) with t·T = j - 1 + u, j in 1..T, u in [0, 1] (t clipped to [0, 1]): t lies on the segment ending at k = j."""
+        T = self.num_steps
+        x = torch.clamp(t.to(torch.float64), 0.0, 1.0) * T
+        j = torch.clamp(torch.ceil(x - 1e-9), 1, T)  # k / T · T may round to k + ulp: still segment k
+        return j.long(), x - (j - 1)
+
+    def _log_alpha_tabulated(self, t: torch.Tensor) -> torch.Tensor:
+        j, u = self._tab_segment(t)
+        knots = self._log_abar_knots.to(t.device)
+        lo, hi = knots[j - 1], knots[j]
+        return (0.5 * torch.where(u >= 1, hi, lo + u * (hi - lo))).to(t.dtype)
+
     def _log_alpha_linear(self, t: torch.Tensor) -> torch.Tensor:
         return -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
 
@@ -137,6 +211,8 @@ class NoiseSchedule:
         if self.config.name == "cosine":
             s = self.config.cosine_s
             return torch.log(torch.cos(self._cosine_phi(t))) - math.log(math.cos(s / (1 + s) * math.pi / 2))
+        if self.config.name == "tabulated":
+            return self._log_alpha_tabulated(t)
         return self._log_alpha_linear(t)
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
@@ -153,8 +229,13 @@ class NoiseSchedule:
         return la - 0.5 * torch.log(-torch.expm1(2 * la))
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
-        """β(t) = -2 d log α_t / dt (continuous-time units, 1/time), shape of ``t``."""
+        """β(t) = -2 d log α_t / dt (continuous-time units, 1/time), shape of ``t``. For a tabulated schedule it is
+        constant on each segment ((k-1)/T, k/T]: -T log(1 - β_k)."""
         t = torch.as_tensor(t)
+        if self.config.name == "tabulated":
+            j, _ = self._tab_segment(t)
+            knots = self._log_abar_knots.to(t.device)
+            return (-self.num_steps * (knots[j] - knots[j - 1])).to(t.dtype)
         if self.config.name == "cosine":
             return torch.tan(self._cosine_phi(t)) * math.pi / (1 + self.config.cosine_s)
         return self.beta_min + t * (self.beta_max - self.beta_min)
@@ -211,4 +292,7 @@ class NoiseSchedule:
         return al.to(a0.device).view(shape) * a0 + si.to(a0.device).view(shape) * noise
 
     def __repr__(self) -> str:
-        return f"NoiseSchedule({self.config})"
+        c = self.config
+        if c.name == "tabulated":
+            return f"NoiseSchedule(tabulated, num_steps={c.num_steps}, alphas_cumprod[-1]={c.alphas_cumprod[-1]:.6g})"
+        return f"NoiseSchedule({c})"

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ._optional import optional
+
 
 def write_gif(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: float = 10.0, size: int | None = 256) -> Path:
     """Write RGB frames to an animated GIF.
@@ -26,7 +28,7 @@ def write_gif(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: float 
     Raises:
         ValueError: no frames, or a frame that is not (H, W, 3) uint8 of the first frame's shape.
     """
-    from PIL import Image
+    Image = optional("PIL.Image", "plots", "writing rollout videos")
 
     if len(frames) == 0:
         raise ValueError("write_gif: no frames")

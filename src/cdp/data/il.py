@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._optional import optional
+
 if TYPE_CHECKING:
     from cdp.normalization import Normalizer
 
@@ -212,7 +214,7 @@ def load_zarr_replay(
         ValueError: not a zarr group / missing ``data`` or ``meta/episode_ends`` / missing keys (the message lists
             the keys present) / wrong shapes / bad episode ends / NaN or inf.
     """
-    import zarr  # local import: optional for users of the hdf5 loader only
+    zarr = optional("zarr", "il", "reading Diffusion-Policy zarr files")
 
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -358,7 +360,7 @@ def load_robomimic_hdf5(
         ValueError: no ``data`` group / no demos / missing obs or action keys (lists what exists) / shapes
             inconsistent across demos / invalid env_args JSON / NaN or inf / bad filter key.
     """
-    import h5py
+    h5py = optional("h5py", "il", "reading robomimic hdf5 files")
 
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -38,6 +38,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .._optional import optional
+
 __all__ = [
     "OfflineDataset",
     "D4RL_REF_SCORES",
@@ -312,7 +314,7 @@ def load_d4rl_hdf5(
         ValueError: an empty, truncated or non-hdf5 file; no rows; mismatched lengths / ranks, NaN or inf (one
             line naming the file).
     """
-    import h5py
+    h5py = optional("h5py", "rl", "D4RL hdf5 files")
 
     path = Path(path)
     if not path.is_file():
@@ -389,7 +391,7 @@ def write_d4rl_hdf5(ds: OfflineDataset, path: str | os.PathLike, compression: st
     Returns:
         The final path.
     """
-    import h5py
+    h5py = optional("h5py", "rl", "D4RL hdf5 files")
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -477,7 +479,7 @@ def load_minari(
         import minari
         from minari.dataset.minari_dataset import MinariDataset
     except ImportError as e:  # pragma: no cover - depends on env
-        raise ImportError("load_minari needs the 'minari' package (pip install cdp[rl])") from e
+        raise ImportError("load_minari needs the 'minari' package (pip install 'cdp[rl]')") from e
 
     p = Path(dataset_id_or_path)
     if p.is_dir():

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._optional import optional
+
 __all__ = ["generate_robosuite_demos"]
 
 
@@ -48,7 +50,7 @@ def generate_robosuite_demos(task: str, n_demos: int, out: str | os.PathLike, se
         ValueError: bad arguments. RuntimeError: fewer than ``n_demos`` successes within ``max_attempts``
             (nothing is written). ImportError: robosuite / h5py missing.
     """
-    import h5py
+    h5py = optional("h5py", "robosuite", "writing robomimic hdf5 files")
 
     from ..envs.robosuite_tasks import HORIZON, OBS_KEYS, TASKS, RobosuiteLowDim, ScriptedPickPlace
 

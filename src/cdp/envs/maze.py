@@ -58,7 +58,7 @@ def _import_gym():
             warnings.simplefilter("ignore")
             import gymnasium_robotics
     except ImportError as e:  # pragma: no cover - depends on env
-        raise ImportError("PointMaze needs gymnasium and gymnasium-robotics (pip install cdp[rl])") from e
+        raise ImportError("PointMaze needs gymnasium and gymnasium-robotics (pip install 'cdp[rl]')") from e
     gym.register_envs(gymnasium_robotics)
     return gym
 

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..data.rl import normalized_score, ref_scores, vector_rollout
+from .._optional import optional
 
 #: Gymnasium env id → D4RL robot name (for reference scores).
 LOCOMOTION_ENVS = {"Hopper-v5": "hopper", "Walker2d-v5": "walker2d", "HalfCheetah-v5": "halfcheetah"}
@@ -54,7 +55,7 @@ def evaluate(
         dict with ``mean_return``, ``std_return``, ``returns`` (n_episodes,), ``mean_length``,
         ``normalized_score_mean`` / ``_std`` (D4RL normalised), ``success_rate`` (None: no success notion), ``steps``.
     """
-    import gymnasium as gym
+    gym = optional("gymnasium", "rl", "MuJoCo evaluation")
 
     if n_episodes < 1:
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")

@@ -32,6 +32,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .._optional import optional
+
 try:  # optional dependency: pip install cdp[pusht]
     import gymnasium as gym
     import gym_pusht  # noqa: F401  (registers gym_pusht/PushT-v0)
@@ -195,7 +197,7 @@ def make_pusht_env(seed: int | None = None, max_episode_steps: int | None = 300,
 
 @functools.lru_cache(maxsize=2)
 def _load_state_action(path: str):
-    import zarr
+    zarr = optional("zarr", "il", "reading Diffusion-Policy zarr files")
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"PushT zarr not found: {path} (set CDP_PUSHT_ZARR)")

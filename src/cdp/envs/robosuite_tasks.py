@@ -74,7 +74,7 @@ def _import_robosuite():
     try:
         import robosuite  # noqa: F401
     except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError("robosuite is not installed: pip install -e '.[robosuite]' (robosuite==1.5.1)") from e
+        raise ImportError("robosuite is not installed: pip install 'cdp[robosuite]' (robosuite==1.5.1)") from e
     # robosuite logs a warning per missing body part of the composite controller on every reset; keep errors only
     logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
     patch_robosuite_for_mujoco4()

@@ -24,6 +24,7 @@ from ..policy import DiffusionPolicy, DiffusionPolicyConfig
 from ..runs import RunDir
 from ..training.agents import DiffusionBC
 from ..training.trainer import fit
+from .._optional import optional
 
 MODE_CENTRES = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]])
 
@@ -186,7 +187,7 @@ def toy_table_markdown(results: dict) -> str:
 
 
 def plot_toy(snapshots, data, mode_std: float, snap_steps, lambdas, out_dir: Path) -> None:
-    import matplotlib
+    matplotlib = optional("matplotlib", "plots", "plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

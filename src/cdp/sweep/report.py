@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .spec import DEFAULT_BASELINES, MAIN_METRIC, RESULT_FILE, Spec, expand
+from .._optional import optional
 
 
 # ---------------------------------------------------------------------------------------------------- aggregation
@@ -79,7 +80,7 @@ def mean_std(xs) -> tuple[float, float]:
 
 def iqm(xs) -> float:
     """Interquartile mean (rliable): the mean of the middle 50% (scipy.stats.trim_mean(x, 0.25))."""
-    from scipy.stats import trim_mean
+    trim_mean = optional("scipy.stats", "bench", "the IQM of cdp bench").trim_mean
 
     xs = _finite(xs)
     return float(trim_mean(xs, 0.25)) if xs else float("nan")
@@ -273,7 +274,7 @@ def learning_curves(spec: Spec) -> dict[tuple, dict[int, list[float]]]:
 
 
 def plot(spec: Spec, summary: list[dict], out_dir: Path) -> list[Path]:
-    import matplotlib
+    matplotlib = optional("matplotlib", "plots", "plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
