@@ -224,7 +224,7 @@ class EvalConfig:
     episodes: int = 10
     """Simulator episodes per evaluation (0: skip)."""
     every: int = 0
-    """Evaluate every N training steps (0: at the end only)."""
+    """Evaluate every N training steps (0: at the end only); IL also keeps ``checkpoints/best`` then."""
     seed_start: int = 1000
     """Seed of the first evaluation episode (episode i uses seed_start + i)."""
     max_steps: int | None = None
@@ -387,7 +387,7 @@ def il_used_keys(name: str) -> set[str]:
         keys |= {f"policy.contraction.{f.name}" for f in fields(ContractionConfig) if f.name != "prediction"}
     return keys | {"data.task", "data.path", "data.fraction", "data.max_episodes"} | \
         {f"train.{f.name}" for f in fields(TrainConfig)} | \
-        {"eval.episodes", "eval.max_steps", "eval.seed_start", "eval.diag_obs", "eval.diag_samples"}
+        {"eval.episodes", "eval.every", "eval.max_steps", "eval.seed_start", "eval.diag_obs", "eval.diag_samples"}
 
 
 TOY_USED_KEYS = {"data.n_data", "data.mode_std", "algo.variants", "policy.network.hidden", "policy.network.layers",

@@ -43,7 +43,8 @@ from ..policies.bc_gmm import BCGMMConfig, BCGMMPolicy
 from ..policy import DiffusionPolicy, DiffusionPolicyConfig
 from ..runs import RunDir, load_policy, median_call_ms
 from ..training.agents import DiffusionBC
-from ..training.trainer import check_resume, checkpoint_dir, fit, resumable_identity, run_identity
+from ..training.trainer import (best_checkpoint_dir, check_resume, checkpoint_dir, fit, resumable_identity,
+                                run_identity)
 
 PRESETS = IL_PRESETS
 TASKS = ("pusht", "lift", "can")
@@ -276,6 +277,12 @@ def evaluate_policy(policy: DiffusionPolicy, episodes: int, max_steps: int | Non
     return res
 
 
+def main_metric_of(task: str) -> str:
+    """The key of the main metric in a ``task``'s evaluation dict: PushT ``mean_max_coverage``, Lift / Can
+    ``success_rate`` (higher is better; the one ``eval.every`` selects ``checkpoints/best`` by)."""
+    return "mean_max_coverage" if task == "pusht" else "success_rate"
+
+
 def summary_line(res: dict) -> str:
     """One printable line: PushT: mean max-coverage, success rate (coverage > 0.95), DP score; Lift / Can:
     success rate over the episodes."""
@@ -300,7 +307,12 @@ def run_il(cfg: ExperimentConfig, log=print) -> dict:
     Returns:
         dict with ``config``, ``policy_config``, ``data`` (episodes, steps, windows), ``n_params``,
         ``train`` (seconds, sec_per_1k_steps, final losses), ``eval`` (the task's evaluation dict, or
-        ``{"skipped": reason}``) and ``diagnostics`` (or ``{"skipped": reason}``).
+        ``{"skipped": reason}``) and ``diagnostics`` (or ``{"skipped": reason}``). With ``eval.every`` N > 0 (and
+        ``eval.episodes`` > 0) the EMA policy is also evaluated every N steps (the same episodes as the final
+        evaluation) and the checkpoint with the best main metric so far (:func:`main_metric_of`) is kept in
+        ``checkpoints/best``; then also ``evals`` (the curve: step and the numbers of each evaluation) and
+        ``eval_best`` (``step``, ``metric``, ``value``, ``checkpoint`` and that evaluation's numbers). ``eval``
+        stays the evaluation of the final checkpoint (``checkpoints/last``).
     Raises:
         FileNotFoundError: missing replay buffer / hdf5. ValueError: bad config / resume mismatch / wrong file.
     """
@@ -324,9 +336,25 @@ def run_il(cfg: ExperimentConfig, log=print) -> dict:
                         lr_schedule=t.lr_schedule, lr_warmup_steps=t.lr_warmup_steps, generator=gen)
     run = RunDir(out, config=cfg.to_dict(), tensorboard=cfg.log.tensorboard, lock=True)
     n_params = sum(p.numel() for p in pol.net.parameters())
+    e = cfg.eval
+    periodic: dict[int, dict] = {}  # step → full evaluation dict of this call's periodic evaluations
+
+    def evaluate(agent_, step: int) -> dict:
+        try:
+            ev_ = evaluate_policy(agent_.eval_policy, e.episodes, max_steps_of(cfg), e.seed_start, t.seed,
+                                  task=cfg.data.task)
+        except ImportError as err:
+            log(f"periodic evaluation skipped: {err}")
+            return {}
+        periodic[step] = ev_
+        log(f"step {step}: {summary_line(ev_)}")
+        return ev_
+
+    every = e.every if e.episodes > 0 else 0
     res = fit(agent, data, steps=t.steps, batch_size=t.batch_size, seed=t.seed, device=device,
               precision=t.precision, log_every=t.log_every, ckpt_every=t.ckpt_every, run=run, identity=identity,
-              generator=gen, progress=t.progress, desc=cfg.algo.name)
+              generator=gen, progress=t.progress, desc=cfg.algo.name, eval_every=every,
+              evaluate=evaluate if every else None, keep_best=main_metric_of(cfg.data.task) if every else None)
     train_s = res["train_s"]
     last = [r for r in run.read_metrics() if "train/loss" in r]
     new_steps = max(t.steps - done_before, 0)
@@ -345,8 +373,9 @@ def run_il(cfg: ExperimentConfig, log=print) -> dict:
     g_lat = make_generator(t.seed, device)
     obs1 = obs[:1].to(device)
     results["timing"] = {"act_ms_batch1": median_call_ms(lambda: policy.sample(obs1, generator=g_lat))}
-    e = cfg.eval
-    if e.episodes > 0:
+    if e.episodes > 0 and res["step"] in periodic:  # the periodic evaluation of the final step is the final one
+        results["eval"] = periodic[res["step"]]
+    elif e.episodes > 0:
         try:
             ev = evaluate_policy(policy, e.episodes, max_steps_of(cfg), e.seed_start, t.seed, task=cfg.data.task)
             results["eval"] = ev
@@ -356,6 +385,12 @@ def run_il(cfg: ExperimentConfig, log=print) -> dict:
             results["eval"] = {"skipped": str(err)}
     else:
         results["eval"] = {"skipped": "eval.episodes = 0"}
+    if res["evals"]:
+        results["evals"] = res["evals"]
+    if res["best"] is not None:
+        b = res["best"]
+        rec = next((r for r in res["evals"] if r["step"] == b["step"]), {})
+        results["eval_best"] = {**rec, **b, "checkpoint": str(best_checkpoint_dir(out))}
     n_obs, n_samples = diag_sizes(cfg)
     if not isinstance(policy, DiffusionPolicy):
         results["diagnostics"] = {"skipped": f"{cfg.algo.name} is not a diffusion policy (no sampling flow)"}
@@ -376,6 +411,9 @@ def run_il(cfg: ExperimentConfig, log=print) -> dict:
         f"trained {tr['steps_run']} steps on {device} in {tr['seconds']:.1f} s ({spk}), final loss {tr['final_loss']}")
     ev = results["eval"]
     log("eval: " + (f"skipped ({ev['skipped']})" if "skipped" in ev else summary_line(ev)))
+    if "eval_best" in results:
+        b = results["eval_best"]
+        log(f"best checkpoint: step {b['step']}, {b['metric']} {b['value']:.3f} ({b['checkpoint']})")
     dg = results["diagnostics"]
     if "skipped" not in dg:
         log(f"contraction: mean lambda_hat {dg['lambda_hat_mean']:.3f} (t<=0.1: {dg['lambda_hat_mean_low_noise']:.3f}), "

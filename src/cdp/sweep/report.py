@@ -35,7 +35,8 @@ def _num(x) -> float:
 
 def extract(job: str, algo: str, res: dict) -> dict[str, float]:
     """Per-cell numbers from a results file: ``main`` (the job's main metric), ``success``, ``sec_per_1k``,
-    ``lambda_mean``, ``frac_contractive`` (nan when absent)."""
+    ``lambda_mean``, ``frac_contractive``, ``best`` (il: the main metric of ``eval_best``, the best periodic
+    evaluation) (nan when absent). il's ``main`` is the final checkpoint's (``eval``, ``checkpoints/last``)."""
     nan = float("nan")
     if job == "rl":
         steps = _num(res.get("steps"))
@@ -54,7 +55,8 @@ def extract(job: str, algo: str, res: dict) -> dict[str, float]:
         return {"main": _num(main), "success": _num(ev.get("success_rate")),
                 "sec_per_1k": _num(_get(res, "train", "sec_per_1k_steps")),
                 "act_ms": _num(_get(res, "timing", "act_ms_batch1")),
-                "lambda_mean": _num(diag.get("lambda_hat_mean")), "frac_contractive": _num(diag.get("frac_contractive"))}
+                "lambda_mean": _num(diag.get("lambda_hat_mean")), "frac_contractive": _num(diag.get("frac_contractive")),
+                "best": _num(_get(res, "eval_best", "value"))}
     m = _get(res, "variants", algo) or {}
     steps = _num(_get(res, "config", "train", "steps"))
     return {"main": _num(m.get("off_support")), "success": nan,
@@ -131,6 +133,11 @@ def summarize(spec: Spec, rows: list[dict]) -> list[dict]:
                        "main_mean": m, "main_std": s, "main_iqm": iqm(main), "main_ci_low": lo, "main_ci_high": hi}
                 for k in ("success", "sec_per_1k", "lambda_mean", "frac_contractive"):
                     row[f"{k}_mean"], row[f"{k}_std"] = mean_std([r[k] for r in g])
+                if "best" in g[0]:  # il: the best periodic evaluation, and the final one of the same cells
+                    gb = [r for r in g if math.isfinite(r["best"])]
+                    row["best_n"] = len(gb)
+                    row["best_mean"], row["best_std"] = mean_std([r["best"] for r in gb])
+                    row["best_final_mean"], row["best_final_std"] = mean_std([r["main"] for r in gb])
                 out.append(row)
     return out
 
@@ -154,7 +161,8 @@ def tables_markdown(spec: Spec, rows: list[dict], summary: list[dict]) -> str:
     lines = [f"# {spec.name}: {spec.job} grid", "",
              f"{len(rows)}/{n_cells} cells finished. Mean ± std (sample, ddof 1) over seeds; IQM = interquartile "
              f"mean (rliable); 95% CI = percentile bootstrap of the mean over seeds (2000 resamples). Main metric: "
-             f"{label} ({'higher' if higher else 'lower'} is better). Checkpoint evaluated: the final one.", ""]
+             f"{label} ({'higher' if higher else 'lower'} is better). Checkpoint evaluated: the final one"
+             f"{' (`checkpoints/last`; tables use it, not `checkpoints/best`)' if spec.job == 'il' else ''}.", ""]
     if spec.overrides:
         lines += ["Overrides: " + ", ".join(f"`{k}={v}`" for k, v in spec.overrides.items()), ""]
     for algo, ov in spec.algo_overrides.items():
@@ -168,6 +176,16 @@ def tables_markdown(spec: Spec, rows: list[dict], summary: list[dict]) -> str:
                      f"| {_f(r['main_iqm'])} | [{_f(r['main_ci_low'])}, {_f(r['main_ci_high'])}] "
                      f"| {_pm(r['success_mean'], r['success_std'], '{:.2f}')} | {_pm(r['sec_per_1k_mean'], r['sec_per_1k_std'], '{:.1f}')} |")
     lines.append("")
+    best = [r for r in summary if r.get("best_n")]
+    if best:
+        lines += ["## Best checkpoint", "", "Best checkpoint (max over periodic evaluations, `eval.every`; "
+                  "optimistic: selected on the test episodes), beside the final checkpoint of the same cells; cells without "
+                  "periodic evaluations are left out.", "",
+                  f"| algo | dataset | fraction | n | {label}, best | {label}, final |", "|---|---|---|---|---|---|"]
+        for r in best:
+            lines.append(f"| {r['algo']} | {r['dataset']} | {r['fraction']:g} | {r['best_n']} "
+                         f"| {_pm(r['best_mean'], r['best_std'])} | {_pm(r['best_final_mean'], r['best_final_std'])} |")
+        lines.append("")
     fr = sorted(spec.fractions)
     if len(fr) >= 2:
         lo_f, hi_f = fr[0], fr[-1]

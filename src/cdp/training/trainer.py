@@ -13,8 +13,9 @@ follow it:
 
 :func:`fit` draws each batch uniformly with a seeded generator on ``train.device`` (the dataset is held there as
 one tensor per key), calls ``agent.update``, logs ``train/*`` to the run folder, evaluates every
-``eval_every`` steps, and writes atomic checkpoints to ``checkpoints/last``. Resuming restores weights,
-optimisers, the agent's extra state, the batch generator and past evaluations, so an interrupted run ends with the
+``eval_every`` steps (with ``keep_best``: also keeping the checkpoint of the best evaluation so far in
+``checkpoints/best``), and writes atomic checkpoints to ``checkpoints/last``. Resuming restores weights,
+optimisers, the agent's extra state, the batch generator, past evaluations and the best so far, so an interrupted run ends with the
 same parameters as an uninterrupted one (on CPU, bit for bit). A checkpoint written by a different run (another
 algorithm, settings or data — the ``identity`` the caller passes) is refused before anything is written. A
 non-finite metric raises :class:`DivergenceError` (the last good checkpoint is kept).
@@ -67,6 +68,12 @@ def data_fingerprint(data: dict[str, torch.Tensor]) -> dict[str, Any]:
 def checkpoint_dir(run_dir: str | Path) -> Path:
     """The resumable checkpoint folder of a run."""
     return Path(run_dir) / "checkpoints" / "last"
+
+
+def best_checkpoint_dir(run_dir: str | Path) -> Path:
+    """The folder of a run's best checkpoint so far (``fit(..., keep_best=KEY)``): same format as ``last`` (no
+    trainer state), its ``policy.json`` records ``step`` and ``best`` = ``{"metric", "value"}``."""
+    return Path(run_dir) / "checkpoints" / "best"
 
 
 def _norm(x: Any) -> Any:
@@ -122,6 +129,7 @@ def check_resume(run_dir: str | Path, identity: dict[str, Any]) -> int:
 def fit(agent, data: dict[str, torch.Tensor], *, steps: int, batch_size: int, seed: int = 0,
         device: torch.device | str = "cpu", precision: str = "fp32", log_every: int = 100, ckpt_every: int = 0,
         eval_every: int = 0, evaluate: Callable[[Any, int], dict[str, Any]] | None = None,
+        keep_best: str | None = None,
         callback: Callable[[int, Any], None] | None = None, run: RunDir | None = None,
         identity: dict[str, Any] | None = None, generator: torch.Generator | None = None,
         progress: bool = True, desc: str = "train") -> dict[str, Any]:
@@ -134,12 +142,17 @@ def fit(agent, data: dict[str, torch.Tensor], *, steps: int, batch_size: int, se
             seeded with ``seed`` on ``device`` (or ``generator``, which the agent may share).
         precision: ``"fp32"`` or ``"bf16"`` (CUDA autocast around ``update``).
         log_every / ckpt_every / eval_every: in steps (0: checkpoint at the end only / no periodic evaluation).
-        evaluate: ``evaluate(agent, step) -> dict`` for periodic evaluations (numbers are logged as ``eval/*``).
+        evaluate: ``evaluate(agent, step) -> dict`` for periodic evaluations (numbers are logged as ``eval/*``; an
+            empty dict records nothing).
+        keep_best: a key of ``evaluate``'s result, higher is better: after each periodic evaluation that beats every
+            earlier one (strictly), the weights are written atomically to ``checkpoints/best``
+            (:func:`best_checkpoint_dir`); the best so far is part of the trainer state, so it survives a resume.
         callback: ``callback(step, agent)`` after each logged step (snapshots).
         run: run folder (metrics, ``checkpoints/last``); None: in memory only.
         identity: what must match for a checkpoint to be resumed (settings, data fingerprint).
     Returns:
-        ``{"step", "start", "evals", "last_metrics", "train_s", "eval_s"}`` (seconds of this call; ``train_s``
+        ``{"step", "start", "evals", "best", "last_metrics", "train_s", "eval_s"}`` (``best``: ``{"step",
+        "metric", "value"}`` of the best checkpoint, or None; seconds of this call; ``train_s``
         excludes periodic evaluations).
     Raises:
         ValueError: ``data`` with NaN / inf or ragged first dimensions, or a checkpoint of another run.
@@ -162,7 +175,7 @@ def fit(agent, data: dict[str, torch.Tensor], *, steps: int, batch_size: int, se
     ckpt = checkpoint_dir(run.path) if run is not None else None
     if ckpt is not None:
         recover_checkpoint(ckpt)
-    start, evals = 0, []
+    start, evals, best = 0, [], None
     if ckpt is not None and ckpt.exists():
         if identity is not None:
             check_resume(run.path, identity)
@@ -176,18 +189,34 @@ def fit(agent, data: dict[str, torch.Tensor], *, steps: int, batch_size: int, se
             agent.load_extra_state(state["agent"])
             gen.set_state(state["generator"])
             evals = list(state.get("evals", []))
+            best = state.get("best")
         start = int(meta["step"])
     else:
         agent.fit_normalizers(data["observations"], data["actions"])
 
+    def weights_and_meta(step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"{name}.{k}": v for name, m in agent.modules().items() for k, v in m.state_dict().items()}
+        return tensors, {**agent.checkpoint_meta(), "step": int(step),
+                         "identity": _norm(identity) if identity else None}
+
     def checkpoint(step: int) -> None:
         if ckpt is None:
             return
-        tensors = {f"{name}.{k}": v for name, m in agent.modules().items() for k, v in m.state_dict().items()}
-        meta = {**agent.checkpoint_meta(), "step": int(step), "identity": _norm(identity) if identity else None}
+        tensors, meta = weights_and_meta(step)
         state = {"optimizers": {n: o.state_dict() for n, o in agent.optimizers().items()},
-                 "agent": agent.extra_state(), "generator": gen.get_state(), "evals": evals}
+                 "agent": agent.extra_state(), "generator": gen.get_state(), "evals": evals, "best": best}
         save_checkpoint(ckpt, tensors, meta, _to_cpu(state))
+
+    def consider_best(rec: dict[str, Any]) -> None:
+        nonlocal best
+        value = rec.get(keep_best)
+        if value is None or not math.isfinite(value) or (best is not None and value <= best["value"]):
+            return
+        best = {"step": int(rec["step"]), "metric": keep_best, "value": float(value)}
+        if run is not None:
+            tensors, meta = weights_and_meta(rec["step"])
+            save_checkpoint(best_checkpoint_dir(run.path), tensors,
+                            {**meta, "best": {"metric": keep_best, "value": float(value)}})
 
     metrics: dict[str, float] = {}
     eval_s = 0.0
@@ -213,6 +242,11 @@ def fit(agent, data: dict[str, torch.Tensor], *, steps: int, batch_size: int, se
             te = time.perf_counter()
             res = evaluate(agent, done)
             eval_s += time.perf_counter() - te
+            if not res:
+                res = None
+        else:
+            res = None
+        if res is not None:
             rec = {"step": done, **{k: v for k, v in res.items() if isinstance(v, (int, float)) and v is not None}}
             evals.append(rec)
             if run is not None:
@@ -220,6 +254,8 @@ def fit(agent, data: dict[str, torch.Tensor], *, steps: int, batch_size: int, se
             if rec.get("normalized_score_mean") is not None:
                 bar.write(f"[{desc}] step {done}: normalized score {rec['normalized_score_mean']:.1f} "
                           f"± {rec['normalized_score_std']:.1f}")
+            if keep_best is not None:
+                consider_best(rec)
         if ckpt_every and done % ckpt_every == 0:
             checkpoint(done)
 
@@ -237,7 +273,7 @@ def fit(agent, data: dict[str, torch.Tensor], *, steps: int, batch_size: int, se
     if steps > start or (ckpt is not None and not ckpt.exists()):
         checkpoint(max(steps, start))
     total = time.perf_counter() - t0
-    return {"step": max(start, steps), "start": start, "evals": evals, "last_metrics": metrics,
+    return {"step": max(start, steps), "start": start, "evals": evals, "best": best, "last_metrics": metrics,
             "train_s": total - eval_s, "eval_s": eval_s}
 
 
