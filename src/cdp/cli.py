@@ -6,6 +6,7 @@
     cdp rl    [--algo.name cdp] [--data.path FILE]     offline RL (BC / EDP / DQL / IDQL / CDP)
     cdp bench SPEC.yaml [--workers N]                  an experiment grid on Ray, aggregated over seeds
     cdp data  mujoco|maze|lift|can --out ...           make D4RL-recipe datasets and scripted demonstrations
+    cdp export --checkpoint DIR --format onnx --out F  a self-contained TorchScript / ONNX policy (cdp.export)
 
 ``toy``, ``train``, ``rl`` and ``eval`` share one flag per setting — dotted paths into
 :class:`cdp.config.ExperimentConfig` (``--policy.contraction.weight 0.1``, ``--train.device cuda``,
@@ -329,9 +330,33 @@ def run_data_robosuite(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ cdp export
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a trained IL checkpoint as a self-contained TorchScript / ONNX policy",
+                       description="Normalisers, denoiser (EMA weights) and the sampler loop unrolled over a fixed "
+                                   "number of steps, runnable without cdp: inputs obs (B, To, Do) and the initial "
+                                   "noise (B, *action_shape) (DDPM: also step_noise (n_steps, B, *action_shape)), "
+                                   "output the unnormalised action chunk (B, *action_shape).")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (e.g. RUN/checkpoints/last)")
+    p.add_argument("--format", dest="fmt", choices=("torchscript", "onnx"), default="torchscript",
+                   help="(default: torchscript)")
+    p.add_argument("--out", required=True, help="output file (e.g. policy.pt / policy.onnx)")
+    p.add_argument("--sampler", default=None, help="ddim | dpmsolver++ | ddpm (default: the checkpoint's)")
+    p.add_argument("--steps", type=int, default=None, help="inference steps (default: the checkpoint's)")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    from .export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, args.fmt, args.sampler, args.steps)
+    print(f"wrote {out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ entry point
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser: ``bench`` and ``data`` are argparse sub-commands; ``toy`` / ``train`` / ``rl`` /
+    """The top-level parser: ``bench``, ``data`` and ``export`` are argparse sub-commands; ``toy`` / ``train`` / ``rl`` /
     ``eval`` take their flags from the config tree (``cdp <job> --help``)."""
     parser = argparse.ArgumentParser(prog="cdp", description="Contractive Diffusion Policies (ICLR 2026): train, "
                                      "evaluate and study contraction-regularised diffusion policies.")
@@ -341,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(command, help=DESCRIPTIONS[command].split(":")[0].split(" (")[0], add_help=False)
     add_bench(sub)
     add_data(sub)
+    add_export(sub)
     return parser
 
 
