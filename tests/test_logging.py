@@ -4,6 +4,7 @@ import builtins
 import glob
 import json
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -12,8 +13,19 @@ from cdp.cli import main
 from cdp.runs import WANDB_MISSING, RunDir, flat_hparams
 
 
-def _wandb_records(run_dir):
-    """(config, history, summary) read back from the single offline W&B run under ``run_dir/wandb``: the ``.wandb``
+def _wandb_records(run_dir, timeout=20.0):
+    """:func:`_read_wandb` once wandb-core has written the run's exit record (``finish()`` can return before the
+    offline file is complete)."""
+    deadline = time.time() + timeout
+    while True:
+        out = _read_wandb(run_dir)
+        if out[3] or time.time() > deadline:
+            return out[:3]
+        time.sleep(0.2)
+
+
+def _read_wandb(run_dir):
+    """(config, history, summary, exited) read back from the single offline W&B run under ``run_dir/wandb``: the ``.wandb``
     file is a LevelDB-style log (7-byte header, 32 KiB blocks, records of crc32 / length / type + protobuf)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
@@ -22,7 +34,7 @@ def _wandb_records(run_dir):
     data = open(files[0], "rb").read()
     assert data[:4] == b":W&B"
     pos, block, buf = 7, 32768, b""
-    config, history, summary = {}, [], {}
+    config, history, summary, exited = {}, [], {}, False
     key = lambda i: i.key or "/".join(i.nested_key)  # noqa: E731
     while pos + 7 <= len(data):
         left = block - pos % block
@@ -30,6 +42,8 @@ def _wandb_records(run_dir):
             pos += left
             continue
         _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + n > len(data):  # still being written
+            break
         buf += data[pos + 7:pos + 7 + n]
         pos += 7 + n
         if kind not in (1, 4):  # FULL / LAST completes a record
@@ -38,6 +52,7 @@ def _wandb_records(run_dir):
         rec.ParseFromString(buf)
         buf = b""
         t = rec.WhichOneof("record_type")
+        exited = exited or t == "exit"
         if t == "run":
             config.update({key(i): json.loads(i.value_json) for i in rec.run.config.update})
         elif t == "config":
@@ -46,7 +61,7 @@ def _wandb_records(run_dir):
             history.append({key(i): json.loads(i.value_json) for i in rec.history.item})
         elif t == "summary":
             summary.update({key(i): json.loads(i.value_json) for i in rec.summary.update})
-    return config, history, summary
+    return config, history, summary, exited
 
 
 def _hparams(tb_dir):
