@@ -136,6 +136,9 @@ def _run_eval(cfg: ExperimentConfig) -> int:
 
     if not cfg.checkpoint:
         raise ValueError("cdp eval needs --checkpoint DIR (e.g. runs/il/checkpoints/last)")
+    if cfg.log.wandb:
+        from .runs import import_wandb
+        import_wandb()  # fail before the episodes, not after
     base = base_config("eval")
     e = cfg.eval
     if e.episodes < 1:
@@ -154,7 +157,24 @@ def _run_eval(cfg: ExperimentConfig) -> int:
     if e.json:
         Path(e.json).write_text(json.dumps(res, indent=2))
         print(f"wrote {e.json}")
+    if cfg.log.wandb:
+        _wandb_eval(cfg, res)
     return 0
+
+
+def _wandb_eval(cfg: ExperimentConfig, res: dict) -> None:
+    """cdp eval --log.wandb True: the episode metrics as the W&B run summary and the rollout GIFs as videos; the run's
+    files go under --eval.video_dir (else the checkpoint folder)."""
+    from .runs import import_wandb, start_wandb
+
+    wandb = import_wandb()
+    run = start_wandb(Path(cfg.eval.video_dir or cfg.checkpoint), cfg.to_dict(), cfg.log.wandb_project,
+                      cfg.log.wandb_mode, job_type="eval")
+    metrics = {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    videos = {f"eval/video/{Path(v).stem}": wandb.Video(str(v), format="gif") for v in res.get("videos", [])}
+    run.log({**metrics, **videos}, step=0)
+    run.summary.update(metrics)
+    run.finish()
 
 
 # ------------------------------------------------------------------------------------------------ cdp bench

@@ -249,6 +249,15 @@ class LogConfig:
     """Run-folder logging (metrics.jsonl always)."""
 
     tensorboard: bool = True
+    """TensorBoard events under <out>/tb: the logged scalars, and at the end the run's HParams entry (the flat
+    scalar config with the final main metrics). Skipped when tensorboard is not installed."""
+    wandb: bool = False
+    """Mirror the logged scalars, the resolved config and the final metrics to Weights & Biases (needs
+    pip install 'cdp[log]'); its files go under <out>/wandb. cdp eval: log the --eval.video_dir GIFs too."""
+    wandb_project: str = "cdp"
+    """W&B project name."""
+    wandb_mode: str = "offline"
+    """offline (no network; upload later with `wandb sync <out>/wandb/offline-run-*`) | online | disabled."""
 
 
 @dataclass
@@ -399,7 +408,7 @@ TOY_USED_KEYS = {"data.n_data", "data.mode_std", "algo.variants", "policy.networ
 EVAL_USED_KEYS = {"checkpoint", "data.task", "policy.sampler", "policy.num_inference_steps", "train.seed",
                   "train.device", "train.threads", "eval.episodes", "eval.max_steps", "eval.seed_start",
                   "eval.video_dir", "eval.video_episodes", "eval.json"}
-ALWAYS_USED = {"job", "out", "algo.name", "log.tensorboard"}
+ALWAYS_USED = {"job", "out", "algo.name", "log.tensorboard", "log.wandb", "log.wandb_project", "log.wandb_mode"}
 
 
 def preset(job: str, algo: str | None = None) -> dict[str, Any]:
@@ -457,7 +466,12 @@ def resolve(job: str, cfg: "ExperimentConfig") -> "ExperimentConfig":
             raise ValueError(f"train.lr must be > 0, got {t.lr}")
     if cfg.train.precision not in PRECISIONS:
         raise ValueError(f"train.precision must be one of {PRECISIONS}, got {cfg.train.precision!r}")
+    if cfg.log.wandb_mode not in WANDB_MODES:
+        raise ValueError(f"log.wandb_mode must be one of {WANDB_MODES}, got {cfg.log.wandb_mode!r}")
     return cfg
+
+
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 COMMANDS = {"toy": "toy", "il": "train", "rl": "rl", "eval": "eval"}

@@ -5,7 +5,8 @@
     <run_dir>/
       config.yaml              the fully resolved configuration of the run
       metrics.jsonl            one JSON object per logged step: {"step": int, "time": float, <name>: float, ...}
-      tb/                      TensorBoard event files with the same scalars
+      tb/                      TensorBoard event files with the same scalars (+ the run's hparams and final metrics)
+      wandb/                   Weights & Biases run files (only with --log.wandb True; offline by default)
       checkpoints/<name>/      model.safetensors (weights, EMA weights under "ema.") + policy.json (config) +
                                state.pt (optimiser/RNG state for resuming; only with trainer state)
       results.json / *.md/png  job outputs
@@ -16,7 +17,9 @@ Checkpoints are written atomically: into a temporary folder that is renamed into
 from __future__ import annotations
 
 import json
+import math
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -34,11 +37,17 @@ class RunDir:
     Args:
         path: the folder (created if missing).
         config: the resolved configuration to save as ``config.yaml`` (None: keep an existing one).
-        tensorboard: also write TensorBoard events under ``tb/``.
+        tensorboard: also write TensorBoard events under ``tb/`` (skipped silently when tensorboard is missing); at
+            :meth:`close`, the HParams summary of the flat scalar config and the :meth:`summary` metrics.
+        wandb: also mirror every :meth:`log` to a Weights & Biases run (``wandb.init(project=wandb_project,
+            dir=<run folder>, config=config, mode=wandb_mode)``; the run id is kept in ``wandb_id`` so a resumed run
+            continues the same W&B run). ImportError naming the install when wandb is missing.
+        wandb_mode: ``offline`` (files under ``wandb/``, ``wandb sync`` uploads them later), ``online``, ``disabled``.
     """
 
     def __init__(self, path: str | os.PathLike, config: dict[str, Any] | None = None, tensorboard: bool = True,
-                 lock: bool = False) -> None:
+                 lock: bool = False, wandb: bool = False, wandb_project: str = "cdp",
+                 wandb_mode: str = "offline") -> None:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"run folder {self.path} is a file; choose a folder for --out")
@@ -49,6 +58,14 @@ class RunDir:
         if not os.access(self.path, os.W_OK):
             raise ValueError(f"run folder {self.path} is not writable; choose another --out")
         self._lock = _acquire_lock(self.path) if lock else None
+        self._wandb = None
+        if wandb:  # before anything is written: a missing wandb leaves the folder as it was
+            try:
+                self._wandb = start_wandb(self.path, config, wandb_project, wandb_mode)
+            except BaseException:
+                if self._lock is not None:
+                    _release_lock(self._lock)
+                raise
         if config is not None:
             atomic_write_text(self.path / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False))
         self._tb = None
@@ -58,6 +75,9 @@ class RunDir:
                 self._tb = SummaryWriter(str(self.path / "tb"))
             except Exception:  # tensorboard missing: JSONL only
                 self._tb = None
+        self._config = config
+        self._summary: dict[str, float] = {}
+        self._summary_step = 0
         self._t0 = time.time()
 
     def log(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
@@ -70,6 +90,18 @@ class RunDir:
             for k, v in rec.items():
                 if k not in ("step", "time"):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in rec.items() if k not in ("step", "time")}, step=int(step))
+
+    def summary(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
+        """Record the run's final main metrics (finite numbers only; others are dropped): the W&B run summary, and
+        the metrics of the TensorBoard HParams entry written at :meth:`close` (as scalars ``final/<name>``)."""
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self._summary[f"{prefix}{k}"] = float(v)
+        self._summary_step = int(step)
+        if self._wandb is not None:
+            self._wandb.summary.update(self._summary)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         p = self.path / "metrics.jsonl"
@@ -84,11 +116,73 @@ class RunDir:
 
     def close(self) -> None:
         if self._tb is not None:
+            if self._config is not None:
+                try:
+                    self._write_hparams()
+                except Exception:  # an old / partial tensorboard: scalars only
+                    pass
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         if self._lock is not None:
             _release_lock(self._lock)
             self._lock = None
+
+    def _write_hparams(self) -> None:
+        """The HParams plugin's experiment / session summaries into this run's own event file (so the dashboard
+        pairs them with its scalars), the metrics as ``final/<name>`` scalars."""
+        from torch.utils.tensorboard.summary import hparams
+
+        metrics = {f"final/{k}": v for k, v in self._summary.items()}
+        exp, ssi, sei = hparams(flat_hparams(self._config), metrics)
+        writer = self._tb._get_file_writer()
+        for s in (exp, ssi, sei):
+            writer.add_summary(s)
+        for k, v in metrics.items():
+            self._tb.add_scalar(k, v, self._summary_step)
+        self._tb.flush()
+
+
+def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The scalar leaves of a nested config as dotted keys (numbers, strings, bools; None, lists and non-finite
+    numbers are left out): the TensorBoard HParams entry of a run."""
+    out: dict[str, Any] = {}
+    for k, v in _plain(config).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_hparams(v, f"{key}."))
+        elif isinstance(v, (bool, str)) or (isinstance(v, (int, float)) and math.isfinite(v)):
+            out[key] = v
+    return out
+
+
+WANDB_MISSING = "Weights & Biases logging (--log.wandb True) needs wandb: pip install 'cdp[log]' (or pip install wandb)"
+
+
+def import_wandb():
+    """``import wandb``, or one ImportError line naming the install."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError(WANDB_MISSING) from None
+    return wandb
+
+
+def start_wandb(path: Path, config: dict[str, Any] | None, project: str, mode: str, job_type: str | None = None):
+    """A W&B run with its files under ``path/wandb``; its id is kept in ``path/wandb_id`` (the same run continues
+    when the folder is resumed)."""
+    if mode not in ("offline", "online", "disabled"):
+        raise ValueError(f"log.wandb_mode must be offline, online or disabled, got {mode!r}")
+    wandb = import_wandb()
+    path = Path(path)
+    id_file = path / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+    atomic_write_text(id_file, run_id + "\n")
+    return wandb.init(project=project, dir=str(path), config=_plain(config) if config is not None else None,
+                      mode=mode, id=run_id, resume="allow", name=path.resolve().name, job_type=job_type,
+                      reinit="create_new")
 
 
 #: run folders this process holds: resolved path → [file descriptor, holders]

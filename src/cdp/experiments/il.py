@@ -334,7 +334,8 @@ def run_il(cfg: ExperimentConfig, log=print) -> dict:
     t = cfg.train
     agent = DiffusionBC(pol, steps=t.steps, lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
                         lr_schedule=t.lr_schedule, lr_warmup_steps=t.lr_warmup_steps, generator=gen)
-    run = RunDir(out, config=cfg.to_dict(), tensorboard=cfg.log.tensorboard, lock=True)
+    run = RunDir(out, config=cfg.to_dict(), tensorboard=cfg.log.tensorboard, lock=True,
+                 wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project, wandb_mode=cfg.log.wandb_mode)
     n_params = sum(p.numel() for p in pol.net.parameters())
     e = cfg.eval
     periodic: dict[int, dict] = {}  # step → full evaluation dict of this call's periodic evaluations
@@ -403,6 +404,11 @@ def run_il(cfg: ExperimentConfig, log=print) -> dict:
                 prefix="diag/")
     else:
         results["diagnostics"] = {"skipped": "eval.diag_obs or eval.diag_samples = 0"}
+    ev = results.get("eval", {})
+    run.summary(res["step"], {k: v for k, v in ev.items() if isinstance(v, float)}, prefix="eval/")
+    run.summary(res["step"], {"final_loss": results["train"]["final_loss"] or float("nan")}, prefix="train/")
+    diag = results["diagnostics"]
+    run.summary(res["step"], {k: v for k, v in diag.items() if isinstance(v, float)}, prefix="diag/")
     run.write_json("results.json", results)
     run.close()
     tr = results["train"]

@@ -213,7 +213,8 @@ def run_rl(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
     check_resume(out, identity)  # before anything is written
     agent = make_agent(cfg.algo.name, ds.obs_dim, ds.act_dim, acfg, seed=cfg.train.seed)
     place(agent, device, cfg.train.seed)
-    run = RunDir(out, config=cfg.to_dict(), tensorboard=cfg.log.tensorboard, lock=True)
+    run = RunDir(out, config=cfg.to_dict(), tensorboard=cfg.log.tensorboard, lock=True,
+                 wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project, wandb_mode=cfg.log.wandb_mode)
     log(f"cdp rl: {cfg.algo.name} on {ds.env_id}: {len(ds)} transitions in {ds.n_trajectories} trajectories "
         f"(fraction {cfg.data.fraction:g}), {cfg.train.steps} steps on {device}")
 
@@ -253,6 +254,9 @@ def run_rl(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
                "n_transitions": len(ds), "n_trajectories": ds.n_trajectories,
                "ref_scores": [ds.ref_min_score, ds.ref_max_score],
                "evals": res["evals"], "contraction_diagnostics": diag, "timing": timing}
+    run.summary(res["step"], {k: results[k] for k in ("normalized_score_mean", "normalized_score_std", "mean_return",
+                                                     "success_rate") if results[k] is not None})
+    run.summary(res["step"], {k: v for k, v in (diag or {}).items() if isinstance(v, float)}, prefix="diagnostics/")
     run.write_json("results.json", results)
     run.close()
     succ = "" if ev.get("success_rate") is None else f", success {ev['success_rate']:.2f}"

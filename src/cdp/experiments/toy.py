@@ -97,7 +97,8 @@ def run_toy(cfg: ExperimentConfig, log=print) -> dict:
         raise ValueError(f"{out_dir} holds a finished cdp toy run; choose a new --out")
     for name in cfg.algo.variants:  # an interrupted toy run restarts its variants (minutes of work)
         shutil.rmtree(out_dir / name, ignore_errors=True)
-    run = RunDir(out_dir, config=cfg.to_dict(), tensorboard=cfg.log.tensorboard, lock=True)
+    run = RunDir(out_dir, config=cfg.to_dict(), tensorboard=cfg.log.tensorboard, lock=True,
+                 wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project, wandb_mode=cfg.log.wandb_mode)
     gen = torch.Generator().manual_seed(seed)
     data, _ = make_toy_data(n_data, mode_std, gen)
     obs = torch.zeros(n_data, 1)
@@ -159,6 +160,8 @@ def run_toy(cfg: ExperimentConfig, log=print) -> dict:
         })
         results["variants"][name] = m
         run.log(steps, m, prefix=f"{name}/")
+        run.summary(steps, {k: m[k] for k in ("off_support", "mode_share_tv", "div_ratio_median", "lambda_hat_mean",
+                                              "frac_contractive")}, prefix=f"{name}/")
 
     results["lambda_per_step"] = {n: {"t": l["t"].tolist(), "mean": l["lambda_hat"].mean(1).tolist()} for n, l in lambdas.items()}
     run.write_json("toy_results.json", results)
