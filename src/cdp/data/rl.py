@@ -680,18 +680,22 @@ def vector_rollout(venv, policy_fn: Callable[[np.ndarray], Any], n_episodes: int
 
     Args:
         venv: a ``gymnasium.vector`` env with ``n_episodes`` sub-envs (closed by the caller).
-        policy_fn: (B, Do) float32 observations → (B, Da) actions (numpy or torch).
+        policy_fn: (B, Do) float32 observations → (B, Da) actions (numpy or torch); one with a ``seeds``
+            keyword also gets the env seed of every row (:mod:`cdp.envs.seeding`).
     Returns:
         (returns (n,), lengths (n,) int64, success (n,) bool — ``info["success"]`` at each episode's last step,
         False where the env reports none).
     """
-    obs, _ = venv.reset(seed=[seed + i for i in range(n_episodes)])
+    from ..envs.seeding import call_policy
+
+    seeds = [seed + i for i in range(n_episodes)]
+    obs, _ = venv.reset(seed=seeds)
     returns = np.zeros(n_episodes)
     lengths = np.zeros(n_episodes, dtype=np.int64)
     success = np.zeros(n_episodes, dtype=bool)
     done = np.zeros(n_episodes, dtype=bool)
     while not done.all():
-        act = policy_fn(obs.astype(np.float32))
+        act = call_policy(policy_fn, obs.astype(np.float32), seeds)
         if hasattr(act, "detach"):
             act = act.detach().cpu().numpy()
         obs, rew, term, trunc, info = venv.step(np.asarray(act, dtype=np.float32).reshape(n_episodes, -1))

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .._optional import optional
+from .seeding import call_policy
 
 try:  # optional dependency: pip install cdp[pusht]
     import gymnasium as gym
@@ -281,7 +282,9 @@ def evaluate(
     auto-reset; it is equivalent to a synchronous vector env.
 
     Args:
-        policy_fn: ``(B, To, 20) float32 numpy -> (B, H, 2)`` actions in pixels (numpy or torch).
+        policy_fn: ``(B, To, 20) float32 numpy -> (B, H, 2)`` actions in pixels (numpy or torch). A callback with
+            a ``seeds`` keyword is also given the env seed of each row (:mod:`cdp.envs.seeding`), so it can draw
+            each episode's noise from its own generator.
         video_dir / video_episodes: record the first ``video_episodes`` episodes (rendered frames after the reset
             and after every env step) to ``video_dir/pusht_seed<seed>.gif`` (:func:`cdp.video.write_gif`).
             Rendering does not change the rollouts.
@@ -314,7 +317,7 @@ def evaluate(
     while not done.all():
         active = np.nonzero(~done)[0]
         batch = np.stack([np.stack(hist[i][-n_obs_steps:]) for i in active]).astype(np.float32)
-        chunk = policy_fn(batch)
+        chunk = call_policy(policy_fn, batch, [seeds[i] for i in active])
         if hasattr(chunk, "detach"):
             chunk = chunk.detach().cpu().numpy()
         chunk = np.asarray(chunk, dtype=np.float64)

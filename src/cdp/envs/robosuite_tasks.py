@@ -41,6 +41,8 @@ from typing import Callable
 
 import numpy as np
 
+from .seeding import call_policy
+
 __all__ = [
     "TASKS",
     "OBS_KEYS",
@@ -385,8 +387,9 @@ def evaluate(policy_fn: Callable[[np.ndarray], np.ndarray], task: str = "lift", 
 
     Episodes run in groups of up to ``n_envs`` side by side (one robosuite env each, ~0.1 GB of memory, stepped in
     turn), so the policy is queried once per decision for the whole group of still-running episodes. An episode
-    ends at the first success (robomimic's rollout convention) or after ``max_steps`` env steps. Results do not
-    depend on ``n_envs`` except through the policy's sampling noise (batched draws).
+    ends at the first success (robomimic's rollout convention) or after ``max_steps`` env steps. A callback with a
+    ``seeds`` keyword gets the env seed of each row (:mod:`cdp.envs.seeding`); drawing each row's noise from its
+    episode's generator makes the results independent of ``n_envs`` and ``n_episodes``.
 
     Args:
         policy_fn: obs (B, To, Do) float32 → actions (B, H', 7); ``chunk[action_offset : action_offset+Ta]`` is
@@ -413,7 +416,7 @@ def evaluate(policy_fn: Callable[[np.ndarray], np.ndarray], task: str = "lift", 
         while not done.all():
             live = np.nonzero(~done)[0]
             obs = np.stack([np.stack(hist[j][-n_obs_steps:]) for j in live]).astype(np.float32)
-            chunk = np.asarray(policy_fn(obs))
+            chunk = np.asarray(call_policy(policy_fn, obs, [seed_start + ids[j] for j in live]))
             if chunk.ndim != 3 or chunk.shape[0] != len(live) or chunk.shape[2] != 7:
                 raise ValueError(f"policy_fn returned actions of shape {chunk.shape}; expected ({len(live)}, H, 7)")
             chunk = chunk[:, action_offset: action_offset + n_action_steps]

@@ -221,17 +221,36 @@ def load_demos(cfg: ExperimentConfig, path: str | os.PathLike | None = None):
 
 def policy_fn_for(policy: DiffusionPolicy, seed: int, sampler: str | None = None,
                   num_inference_steps: int | None = None):
-    """An :func:`cdp.envs.pusht.evaluate` callback: obs (B, To, Do) numpy → actions (B, H, Da) numpy.
+    """An evaluator callback: obs (B, To, Do) numpy (+ ``seeds``, the env seed of each row) → actions (B, H, Da)
+    numpy, on the policy's device.
 
-    All running episodes are sampled in one batch with a seeded generator (reproducible for a given seed).
+    With ``seeds`` (as :func:`cdp.envs.pusht.evaluate` and :func:`cdp.envs.robosuite_tasks.evaluate` pass them),
+    row i's noise comes from a generator seeded from (``seed``, ``seeds[i]``) (:class:`cdp.envs.seeding.EpisodeGenerators`),
+    so an episode's actions do not depend on the other episodes of the batch: the deterministic samplers (DDIM,
+    DPM-Solver++) run the batch from per-row initial noise, DDPM and BC-GMM sample row by row. Without ``seeds``
+    the batch is drawn from one generator seeded with ``seed``.
     """
+    from ..envs.seeding import EpisodeGenerators
+
     dev = next(policy.parameters()).device
     gen = make_generator(seed, dev)
+    gens = EpisodeGenerators(seed, dev)
+    kw = {"sampler": sampler, "num_inference_steps": num_inference_steps}
+    deterministic = isinstance(policy, DiffusionPolicy) and (sampler or policy.config.sampler) in ("ddim", "dpmsolver++")
 
-    def fn(obs: np.ndarray) -> np.ndarray:
+    def fn(obs: np.ndarray, seeds: list[int] | None = None) -> np.ndarray:
+        x = torch.as_tensor(obs, dtype=torch.float32, device=dev)
         with torch.inference_mode():
-            a = policy.sample(torch.as_tensor(obs, dtype=torch.float32, device=dev), generator=gen, sampler=sampler,
-                              num_inference_steps=num_inference_steps)
+            if seeds is None:
+                a = policy.sample(x, generator=gen, **kw)
+            elif len(seeds) != x.shape[0]:
+                raise ValueError(f"got {len(seeds)} seeds for {x.shape[0]} observations")
+            elif deterministic:
+                noise = torch.stack([torch.randn(policy.action_shape, generator=g, device=g.device)
+                                     for g in map(gens, seeds)]).to(dev)
+                a = policy.sample(x, noise=noise, **kw)
+            else:
+                a = torch.cat([policy.sample(x[i:i + 1], generator=gens(s), **kw) for i, s in enumerate(seeds)])
         if a.dim() == 2:  # single action (B, Da) → chunk of one
             a = a.unsqueeze(1)
         return a.cpu().numpy()

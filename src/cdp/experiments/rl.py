@@ -139,16 +139,20 @@ def evaluate_agent(agent, ds, n_episodes: int = 10, seed: int = 1000, device: to
     """Roll the agent out in the dataset's env → D4RL normalized score (mean / std over episodes) and returns.
 
     PointMaze datasets: :func:`cdp.envs.maze.evaluate`; Hopper / Walker2d / HalfCheetah:
-    :func:`cdp.envs.mujoco.evaluate` (vectorised episodes, the dataset's reference scores). Actions are
-    sampled with a generator seeded with ``seed`` on ``device``.
+    :func:`cdp.envs.mujoco.evaluate` (vectorised episodes, the dataset's reference scores). Episode i
+    uses env seed ``seed + i`` and its own generator on ``device``, seeded from (``seed``, ``seed + i``)
+    (:class:`cdp.envs.seeding.EpisodeGenerators`; the agent acts row by row, candidates and their selection included),
+    so an episode's return does not depend on how many episodes are run.
     """
     from ..envs import maze, mujoco
+    from ..envs.seeding import EpisodeGenerators
 
     device = torch.device(device)
-    gen = make_generator(seed, device)
+    gens = EpisodeGenerators(seed, device)
 
-    def policy_fn(obs: np.ndarray) -> np.ndarray:
-        return agent.act(torch.as_tensor(obs, dtype=torch.float32, device=device), generator=gen).cpu().numpy()
+    def policy_fn(obs: np.ndarray, seeds: list[int]) -> np.ndarray:
+        x = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        return torch.cat([agent.act(x[i:i + 1], generator=gens(s)) for i, s in enumerate(seeds)]).cpu().numpy()
 
     if mujoco.is_locomotion(ds.env_id):
         return mujoco.evaluate(policy_fn, ds.env_id, n_episodes=n_episodes, seed=seed,
