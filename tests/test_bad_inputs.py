@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cdp.cli import main
-from datasets import make_pusht_zarr
+from demo_data import make_pusht_zarr
 
 h5py = pytest.importorskip("h5py")
 
@@ -131,6 +131,35 @@ def test_zarr_chunk_check_on_a_multi_chunk_array(tmp_path):
     (tmp_path / "m.zarr" / "data" / "action" / "2.0").unlink()
     with pytest.raises(ValueError, match="data/action has 1 of 4 chunk files missing"):
         load_zarr_replay(tmp_path / "m.zarr")
+
+
+# ------------------------------------------------------------------------------------------------ LeRobotDataset
+def test_lerobot_task_without_a_folder(tmp_path, capsys):
+    refused(tmp_path, capsys, IL + ["--train.steps", "2", "--data.task", "lerobot", "--out", str(tmp_path / "o")],
+            "task 'lerobot' needs a LeRobotDataset folder", "--data.path")
+
+
+def test_lerobot_dataset_with_nan_actions(tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    from demo_data import make_lerobot_v2
+    root, _ = make_lerobot_v2(tmp_path / "ds")
+    f = Path(root) / "data" / "chunk-000" / "episode_000001.parquet"
+    t = pq.read_table(f)
+    rows = t.column("action").to_pylist()
+    rows[3] = [0.0, float("nan")]
+    pq.write_table(t.set_column(t.schema.get_field_index("action"), "action", pa.array(rows)), f)
+    refused(tmp_path, capsys, IL + ["--train.steps", "2", "--data.task", "lerobot", "--data.path", root,
+                                    "--out", str(tmp_path / "o")],
+            "episode_000001.parquet column 'action' holds NaN/inf (episode 1, row 3)")
+
+
+def test_lerobot_dataset_of_other_dims_than_the_task(tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    from demo_data import make_lerobot_v3
+    root, _ = make_lerobot_v3(tmp_path / "ds")
+    refused(tmp_path, capsys, IL + ["--train.steps", "2", "--data.path", root, "--out", str(tmp_path / "o")],
+            "observation.state 3-D and action 2-D, but --data.task pusht needs 20-D and 2-D", "--data.task lerobot")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

@@ -14,7 +14,7 @@ from cdp.runs import load_checkpoint
 from cdp.sweep.report import aggregate, collect, summarize
 from cdp.sweep.spec import cell_dir, parse_spec
 
-from datasets import make_pusht_zarr
+from demo_data import make_pusht_zarr
 from test_il_job import quiet, tiny
 
 KW = {"eval.diag_obs": 0, "eval.max_steps": 16, "train.steps": 20}

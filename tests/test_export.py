@@ -12,7 +12,7 @@ from cdp.export import ExportedPolicy, export_policy
 from cdp.runs import load_policy
 from cdp.samplers import sample as run_sampler
 
-from datasets import make_pusht_zarr
+from demo_data import make_pusht_zarr
 from test_il_job import quiet, tiny
 
 

@@ -18,7 +18,7 @@ from cdp.rl import make_agent
 from cdp.runs import RunDir, load_checkpoint
 from cdp.training.trainer import fit
 
-from datasets import make_pusht_zarr
+from demo_data import make_pusht_zarr
 
 REF = json.loads((Path(__file__).parent / "data" / "fixed_seed_reference.json").read_text())
 

@@ -18,7 +18,7 @@ from cdp.experiments.il import (PRESETS, action_offset_for, diag_sizes, eval_che
 from cdp.policy import DiffusionPolicy
 from cdp.runs import load_checkpoint, load_policy
 
-from datasets import make_pusht_zarr
+from demo_data import make_pusht_zarr
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

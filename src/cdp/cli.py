@@ -33,9 +33,10 @@ DESCRIPTIONS = {
     "toy": "Standard vs contractive diffusion policies on a 2-D four-mode mixture: trains each of algo.variants from "
            "the same seed on the same batches and writes toy_samples.png, toy_lambda.png, toy_table.md and "
            "toy_results.json into --out.",
-    "train": "Imitation learning: loads the demonstrations (PushT replay buffer, or a robomimic hdf5 for "
-             "--data.task lift / can), trains the preset policy --algo.name (dp_unet, cdp_unet, dp_dit, cdp_dit, dbc, "
-             "cdp_dbc, bc_gmm), evaluates the EMA policy closed loop and writes config.yaml, metrics.jsonl, tb/, "
+    "train": "Imitation learning: loads the demonstrations (PushT replay buffer, a robomimic hdf5 for "
+             "--data.task lift / can, or a LeRobotDataset v2/v3 folder for --data.task lerobot), trains the preset "
+             "policy --algo.name (dp_unet, cdp_unet, dp_dit, cdp_dit, dbc, cdp_dbc, bc_gmm), evaluates the EMA "
+             "policy closed loop (not for lerobot: no environment) and writes config.yaml, metrics.jsonl, tb/, "
              "checkpoints/last and results.json into --out. Re-running the same --out resumes.",
     "rl": "Offline RL (--algo.name bc, edp, cdp = EDP + contraction, dql, cdp_dql, idql, cdp_idql) on a D4RL-layout "
           "dataset (--data.path) or a generated PointMaze dataset; writes config.yaml, metrics.jsonl, tb/, "

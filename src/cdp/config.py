@@ -70,13 +70,15 @@ class DataConfig:
     rl ``env, path, fraction, size, action_noise, seed``."""
 
     task: str = "pusht"
-    """IL task: pusht (Diffusion Policy's replay buffer), lift or can (robomimic-layout hdf5)."""
+    """IL task: pusht (Diffusion Policy's replay buffer), lift or can (robomimic-layout hdf5), lerobot (a LeRobotDataset
+    v2.x / v3.0 folder: observation.state → action, no evaluation environment)."""
     env: str | None = None
     """RL env id: the PointMaze env to generate a dataset for, or the evaluation env of ``path`` (None: the file's
     env_id attribute, else PointMaze_UMaze-v3)."""
     path: str | None = None
     """Dataset file: RL D4RL-layout hdf5 (None: generate); IL PushT zarr (None: $CDP_PUSHT_ZARR or
-    ../shared/data/pusht/pusht_cchi_v7_replay.zarr) or Lift/Can hdf5 (required)."""
+    ../shared/data/pusht/pusht_cchi_v7_replay.zarr), Lift/Can hdf5 (required) or LeRobotDataset folder (required for
+    lerobot; a folder holding meta/info.json is read as one for any task)."""
     fraction: float = 1.0
     """Fraction of trajectories / demonstrations kept, in (0, 1] (0.1 = the 10% regime)."""
     max_episodes: int | None = 90

@@ -1,9 +1,13 @@
 """``cdp train`` / ``cdp eval``: imitation learning on PushT and robosuite Lift / Can — DP-UNet vs CDP-UNet, DP-DiT vs
 CDP-DiT, DBC vs CDP-DBC, BC-GMM.
 
-Tasks (``data.task``): ``pusht`` (Diffusion Policy's replay buffer, evaluated with gym-pusht) and ``lift`` / ``can``
+Tasks (``data.task``): ``pusht`` (Diffusion Policy's replay buffer, evaluated with gym-pusht), ``lift`` / ``can``
 (robomimic-layout hdf5, e.g. from ``cdp data lift``, with robomimic's low-dim keys
-:data:`cdp.envs.robosuite_tasks.OBS_KEYS`, success rate in robosuite, :func:`cdp.envs.robosuite_tasks.evaluate`).
+:data:`cdp.envs.robosuite_tasks.OBS_KEYS`, success rate in robosuite, :func:`cdp.envs.robosuite_tasks.evaluate`) and
+``lerobot`` (any LeRobotDataset folder, :func:`cdp.data.lerobot.load_lerobot_dataset`: ``observation.state`` →
+``action``, dims from the data, no evaluation environment, so only training and the contraction diagnostics run).
+A ``data.path`` that is a LeRobotDataset folder (``meta/info.json``) is read with the LeRobot reader for every task;
+for ``pusht`` / ``lift`` / ``can`` its dims must be the task's.
 
 One run: load demonstrations (:func:`load_demos`), window them (:class:`cdp.data.il.SequenceWindows`), train the
 preset policy (``algo.name``, :data:`cdp.config.IL_PRESETS`) with :class:`cdp.training.agents.DiffusionBC` in
@@ -37,6 +41,7 @@ import yaml
 from ..config import IL_PRESETS, ExperimentConfig, base_config, flatten, to_plain, used_keys
 from ..data.il import (SequenceWindows, default_pusht_zarr_path, load_pusht_lowdim, load_robomimic_hdf5,
                        subsample_episodes)
+from ..data.lerobot import is_lerobot_dataset, load_lerobot_dataset
 from ..devices import make_generator, resolve_device
 from ..diagnostics import flow_diagnostics
 from ..policies.bc_gmm import BCGMMConfig, BCGMMPolicy
@@ -47,7 +52,10 @@ from ..training.trainer import (best_checkpoint_dir, check_resume, checkpoint_di
                                 run_identity)
 
 PRESETS = IL_PRESETS
-TASKS = ("pusht", "lift", "can")
+#: tasks with an evaluation environment
+ENV_TASKS = ("pusht", "lift", "can")
+#: every ``data.task``: ``lerobot`` trains on a LeRobotDataset folder and has no evaluation environment
+TASKS = ENV_TASKS + ("lerobot",)
 #: task → (action dim, default evaluation length in env steps): PushT 300 (DP's max_steps), robomimic's horizon 400
 TASK_SPECS: dict[str, tuple[int, int]] = {"pusht": (2, 300), "lift": (7, 400), "can": (7, 400)}
 #: task → observation dim of its low-dim observations (PushT keypoints + agent, robomimic's low-dim keys)
@@ -66,16 +74,18 @@ def contractive(cfg: ExperimentConfig) -> bool:
 
 
 def max_steps_of(cfg: ExperimentConfig) -> int:
-    """Env steps per evaluation episode: ``eval.max_steps`` or the task's (PushT 300, Lift / Can 400)."""
-    return cfg.eval.max_steps if cfg.eval.max_steps is not None else TASK_SPECS[cfg.data.task][1]
+    """Env steps per evaluation episode: ``eval.max_steps`` or the task's (PushT 300, Lift / Can 400; 1 for
+    ``lerobot``, which is never evaluated)."""
+    return cfg.eval.max_steps if cfg.eval.max_steps is not None else TASK_SPECS.get(cfg.data.task, (0, 1))[1]
 
 
-def diag_sizes(cfg: ExperimentConfig) -> tuple[int, int]:
+def diag_sizes(cfg: ExperimentConfig, action_dim: int | None = None) -> tuple[int, int]:
     """(observations, samples per observation) of the contraction diagnostics: ``eval.diag_obs`` /
     ``eval.diag_samples``, or 2 × 4 when d = H·Da ≤ 8, else 1 × 1. They use exact d×d Jacobians at every one of the
     T DDIM steps, twice (λ and the divergence bound): ~100 s per observation·sample for the default UNet (d = 32,
-    T = 100) on one CPU thread, ~10 s for 2 × 4 with the DBC MLP (d = 2)."""
-    small = cfg.policy.horizon * TASK_SPECS[cfg.data.task][0] <= 8
+    T = 100) on one CPU thread, ~10 s for 2 × 4 with the DBC MLP (d = 2). ``action_dim``: Da (default: the task's)."""
+    da = action_dim if action_dim is not None else TASK_SPECS[cfg.data.task][0]
+    small = cfg.policy.horizon * da <= 8
     return (cfg.eval.diag_obs if cfg.eval.diag_obs is not None else (2 if small else 1),
             cfg.eval.diag_samples if cfg.eval.diag_samples is not None else (4 if small else 1))
 
@@ -100,7 +110,9 @@ def validate(cfg: ExperimentConfig) -> None:
     if n is not None and not (1 <= n <= cfg.policy.schedule.num_steps):
         raise ValueError(f"policy.num_inference_steps ({n}) must be in 1..policy.schedule.num_steps "
                          f"({cfg.policy.schedule.num_steps})")
-    policy_config(cfg, obs_dim=20, action_dim=TASK_SPECS[cfg.data.task][0])
+    if cfg.data.task == "lerobot" and cfg.eval.every:
+        raise ValueError("eval.every needs an evaluation environment; task 'lerobot' has none (set --eval.every 0)")
+    policy_config(cfg, obs_dim=20, action_dim=TASK_SPECS.get(cfg.data.task, (2, 0))[0])
 
 
 def policy_config(cfg: ExperimentConfig, obs_dim: int, action_dim: int) -> "DiffusionPolicyConfig | BCGMMConfig":
@@ -178,9 +190,40 @@ def resolve_hdf5(path: str | os.PathLike | None, task: str = "lift") -> str:
     return p
 
 
+def resolve_lerobot(path: str | os.PathLike | None) -> str:
+    """The LeRobotDataset folder of task ``lerobot``; one clear FileNotFoundError when none is given or it is missing."""
+    if path is None:
+        raise FileNotFoundError("task 'lerobot' needs a LeRobotDataset folder: pass --data.path DIR (the folder "
+                                "holding meta/info.json and data/)")
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"LeRobot dataset not found: {p}")
+    return p
+
+
 def resolve_data(cfg: ExperimentConfig) -> str:
-    """The demonstration path of ``cfg``: the PushT zarr (:func:`resolve_zarr`) or the hdf5 (:func:`resolve_hdf5`)."""
+    """The demonstration path of ``cfg``: the PushT zarr (:func:`resolve_zarr`), the hdf5 (:func:`resolve_hdf5`) or
+    the LeRobotDataset folder (:func:`resolve_lerobot`)."""
+    if cfg.data.task == "lerobot":
+        return resolve_lerobot(cfg.data.path)
     return resolve_zarr(cfg.data.path) if cfg.data.task == "pusht" else resolve_hdf5(cfg.data.path, cfg.data.task)
+
+
+def load_lerobot_demos(path: str | os.PathLike, task: str = "lerobot"):
+    """Demos from a LeRobotDataset folder (``observation.state`` → ``action``, :func:`~cdp.data.lerobot.load_lerobot_dataset`);
+    for an environment task its dims must be the task's (:data:`TASK_OBS_DIMS`, :data:`TASK_SPECS`).
+
+    Raises:
+        FileNotFoundError / ValueError: from the reader; ValueError: dims that do not fit ``task``.
+    """
+    ds = load_lerobot_dataset(path)
+    if task in ENV_TASKS:
+        want = (TASK_OBS_DIMS[task], TASK_SPECS[task][0])
+        if (ds.obs_dim, ds.action_dim) != want:
+            raise ValueError(f"{path}: LeRobot dataset with observation.state {ds.obs_dim}-D and action "
+                             f"{ds.action_dim}-D, but --data.task {task} needs {want[0]}-D and {want[1]}-D; use "
+                             "--data.task lerobot to train on it without an evaluation environment")
+    return ds
 
 
 def load_robosuite_demos(path: str | os.PathLike, task: str = "lift"):
@@ -205,11 +248,15 @@ def load_robosuite_demos(path: str | os.PathLike, task: str = "lift"):
 def load_demos(cfg: ExperimentConfig, path: str | os.PathLike | None = None):
     """The training demos of ``cfg``: first the pool of at most ``data.max_episodes`` episodes (DP: 90, random with
     ``train.seed``), then ``data.fraction`` of that pool (``max(1, round(fraction · pool))``, again with
-    ``train.seed``), so fractions are nested for a fixed seed. PushT reads the zarr, Lift / Can the robomimic hdf5
+    ``train.seed``), so fractions are nested for a fixed seed. PushT reads the zarr, Lift / Can the robomimic hdf5,
+    a LeRobotDataset folder (task ``lerobot``, or any task's ``path`` holding ``meta/info.json``) the LeRobot reader
     (``path`` or ``data.path``)."""
     d, seed = cfg.data, cfg.train.seed
     src = path if path is not None else d.path
-    if d.task == "pusht":
+    if d.task == "lerobot" or is_lerobot_dataset(src):
+        ds = load_lerobot_demos(resolve_lerobot(src), d.task)
+        ds = subsample_episodes(ds, max_episodes=d.max_episodes, seed=seed)
+    elif d.task == "pusht":
         ds = load_pusht_lowdim(resolve_zarr(src), max_episodes=d.max_episodes, seed=seed)
     else:
         ds = load_robosuite_demos(resolve_hdf5(src, d.task), d.task)
@@ -267,8 +314,11 @@ def evaluate_policy(policy: DiffusionPolicy, episodes: int, max_steps: int | Non
     PushT: :func:`cdp.envs.pusht.evaluate`'s dict (with ``video_episodes`` > 0: GIFs of the first episodes in ``video_dir``); Lift / Can: :func:`cdp.envs.robosuite_tasks.evaluate`'s dict
     (``success_rate`` = fraction of episodes where the env's ``_check_success()`` fired within ``max_steps``).
     Both plus ``seconds``. ``max_steps=None``: the task default (300 / 400). Raises ImportError without gym-pusht /
-    robosuite, ValueError for an unknown task.
+    robosuite, ValueError for an unknown task or one without an evaluation environment (``lerobot``).
     """
+    if task == "lerobot":
+        raise ValueError(f"task 'lerobot' has no evaluation environment; pass --data.task {'|'.join(ENV_TASKS)} "
+                         "to evaluate a policy whose dims fit one")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if video_episodes and task != "pusht":
@@ -370,7 +420,8 @@ def run_il(cfg: ExperimentConfig, log=print) -> dict:
         log(f"step {step}: {summary_line(ev_)}")
         return ev_
 
-    every = e.every if e.episodes > 0 else 0
+    has_env = cfg.data.task in ENV_TASKS
+    every = e.every if e.episodes > 0 and has_env else 0
     res = fit(agent, data, steps=t.steps, batch_size=t.batch_size, seed=t.seed, device=device,
               precision=t.precision, log_every=t.log_every, ckpt_every=t.ckpt_every, run=run, identity=identity,
               generator=gen, progress=t.progress, desc=cfg.algo.name, eval_every=every,
@@ -393,7 +444,9 @@ def run_il(cfg: ExperimentConfig, log=print) -> dict:
     g_lat = make_generator(t.seed, device)
     obs1 = obs[:1].to(device)
     results["timing"] = {"act_ms_batch1": median_call_ms(lambda: policy.sample(obs1, generator=g_lat))}
-    if e.episodes > 0 and res["step"] in periodic:  # the periodic evaluation of the final step is the final one
+    if not has_env:
+        results["eval"] = {"skipped": f"task {cfg.data.task} has no evaluation environment"}
+    elif e.episodes > 0 and res["step"] in periodic:  # the periodic evaluation of the final step is the final one
         results["eval"] = periodic[res["step"]]
     elif e.episodes > 0:
         try:
@@ -411,7 +464,7 @@ def run_il(cfg: ExperimentConfig, log=print) -> dict:
         b = res["best"]
         rec = next((r for r in res["evals"] if r["step"] == b["step"]), {})
         results["eval_best"] = {**rec, **b, "checkpoint": str(best_checkpoint_dir(out))}
-    n_obs, n_samples = diag_sizes(cfg)
+    n_obs, n_samples = diag_sizes(cfg, ds.action_dim)
     if not isinstance(policy, DiffusionPolicy):
         results["diagnostics"] = {"skipped": f"{cfg.algo.name} is not a diffusion policy (no sampling flow)"}
     elif n_obs > 0 and n_samples > 0:
@@ -465,12 +518,15 @@ def check_policy_fits_task(config, task: str, checkpoint: str | os.PathLike, tra
     Raises:
         ValueError: one line naming the checkpoint, both shapes and the fix.
     """
+    if task == "lerobot":
+        raise ValueError(f"checkpoint {checkpoint} is evaluated in task 'lerobot', which has no evaluation environment; "
+                         f"pass --data.task {'|'.join(ENV_TASKS)} if the policy's dims fit one")
     if task not in TASKS:
         raise ValueError(f"unknown data.task {task!r}; expected one of {TASKS}")
     want = (TASK_OBS_DIMS[task], TASK_SPECS[task][0])
     have = (int(config.obs_dim), int(config.action_dim))
     if have != want:
-        of = next((t for t in TASKS if (TASK_OBS_DIMS[t], TASK_SPECS[t][0]) == have), trained)
+        of = next((t for t in ENV_TASKS if (TASK_OBS_DIMS[t], TASK_SPECS[t][0]) == have), trained)
         raise ValueError(f"checkpoint {checkpoint} is a{'' if of is None else ' ' + of} policy (obs {have[0]}-D, actions "
                          f"{have[1]}-D) but --data.task {task} needs obs {want[0]}-D, actions {want[1]}-D; drop "
                          f"--data.task to evaluate it in its own task, or pass a {task} checkpoint")
