@@ -96,9 +96,9 @@ def test_onnx_equals_sample(checkpoints, name, tmp_path):
         ref = policy.sample(obs, noise=noise)
         got = torch.from_numpy(sess.run(["action"], {"obs": obs.numpy(), "noise": noise.numpy()})[0])
         # in normalised action units ([-1, 1]); onnxruntime's float32 conv / group-norm kernels round differently and
-        # four DPM-Solver++ UNet steps amplify it to ~5e-5 (the MLP stays under 1e-5; opset 17-21 and graph
-        # optimisation on / off measured alike)
-        tol = 1e-5 if name == "dbc" else 1e-4
+        # four DPM-Solver++ UNet steps amplify it to 5e-5-2e-4 depending on the CPU (the MLP stays under 1e-5; opset
+        # 17-21 and graph optimisation on / off measured alike)
+        tol = 1e-5 if name == "dbc" else 5e-4
         torch.testing.assert_close(got / scale, ref / scale, rtol=0, atol=tol)
 
 

@@ -72,14 +72,19 @@ def test_il_matches_reference(tmp_path, preset):
         "policy.network.unet_down_dims": [16, 32], "policy.network.unet_time_embed_dim": 16,
         "policy.network.hidden": 32, "policy.network.layers": 2, "policy.schedule.num_steps": 10,
         "policy.num_inference_steps": 4, "eval.episodes": 0, "eval.diag_obs": 0, "eval.diag_samples": 0,
-        "train.progress": False, "train.device": "cpu"})
+        "train.progress": False, "train.device": "cpu",
+        # the UNet's hinge gradient by autograd on separately drawn points, the route the reference was recorded with
+        # (the central-difference route in the training pass is tested in tests/test_policy.py)
+        **({"policy.contraction.fd_step": None} if preset == "cdp_unet" else {})})
     run_il(cfg, log=lambda *a: None)
     _close(_losses(tmp_path / "run"), REF["il"][preset]["losses"], preset)
     got = _weights(tmp_path / "run" / "checkpoints" / "last")
     want = REF["il"][preset]["weights"]
     assert set(got) == set(want)
     for k in want:
-        assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k
+        # float32 sums of weights after 12 steps: 2e-5 apart on CPUs whose kernels round differently from the one
+        # that recorded them (the UNet's eigenvector amplifies rounding); another route or point draw moves them by >1
+        assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), k
 
 
 def _rl_dataset():

@@ -313,3 +313,62 @@ def test_compiled_training_pass_equals_eager(contraction):
     assert len(g1) == len(g2) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g1, g2))
     if contraction is not None:
         assert "contraction/lambda_max_mean" in m2
+
+
+@pytest.mark.parametrize("network", ["unet", "dit"])
+@pytest.mark.parametrize("t_range", [(0.0, 1.0), (0.0, 0.3)])
+def test_central_difference_pass_equals_the_autograd_hinge_at_the_same_points(network, t_range):
+    """A chunk network (no closed-form Jacobian) with fd_step = h: the regularised points x ± h v ride in the training
+    pass. Its loss equals L_d + γ·mean max(−β, λ̂) with λ̂ from eigvalsh of the exact Jacobian at the same points, and
+    its parameter gradient equals that of L_d + the autograd (double-backward) hinge at those points to O(h²)."""
+    from cdp.contraction import jacobian, sign_and_ratio
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        kw = dict(obs_dim=3, action_dim=2, network=network, horizon=4, n_obs_steps=1, n_action_steps=2,
+                  schedule={"name": "vp", "num_steps": 10},
+                  network_kwargs=dict(down_dims=(8, 16), time_embed_dim=8, n_groups=4) if network == "unet"
+                  else dict(d_model=16, n_layers=1, n_heads=2, time_embed_dim=8))
+        con = {"weight": 0.5, "margin": 10.0, "max_samples": 3, "t_range": t_range}
+        torch.manual_seed(0)
+        pol = DiffusionPolicy(DiffusionPolicyConfig(contraction={**con, "fd_step": 1e-4}, **kw))
+        with torch.no_grad():  # the DiT starts at zero output (adaLN-zero): give it a non-trivial Jacobian
+            for prm in pol.net.parameters():
+                prm.add_(0.1 * torch.randn_like(prm))
+        g = torch.Generator().manual_seed(0)
+        obs, act = torch.randn(8, 3, generator=g), torch.rand(8, 4, 2, generator=g) * 2 - 1
+        pol.fit_normalizers(obs, act)
+        terms = pol.loss_terms(obs, act, generator=torch.Generator().manual_seed(3))
+        loss = terms["loss_d"] + terms["loss_c"]
+        grads = torch.autograd.grad(terms["loss_c"], list(pol.net.parameters()), allow_unused=True)
+
+        # the same points, by the autograd route: the first m rows (every step), or the regulariser's own draw
+        reg = pol.regularizer
+        if reg.covers_all_steps:
+            x_c, t_c, c_c = terms["a_t"][:3], terms["t"][:3], terms["cond"][:3]
+        else:  # replay the generator: k, noise of the batch, then the apply coin (none at p = 1) and sample_points
+            g2 = torch.Generator().manual_seed(3)
+            torch.randint(1, 11, (8,), generator=g2), torch.randn(terms["a0"].shape, generator=g2)
+            x_c, t_c, c_c = reg.sample_points(terms["a0"], terms["cond"], g2)
+        ref = DiffusionPolicy(DiffusionPolicyConfig(contraction={**con, "fd_step": None}, **kw))
+        ref.load_state_dict(pol.state_dict())
+        out = ref.net(terms["a_t"], terms["t"], terms["cond"])
+        loss_d = ((out - terms["noise"]) ** 2).mean()
+        loss_c, m = ref.regularizer(ref.net, x_c, t_c, c_c)
+        ref_grads = torch.autograd.grad(loss_c, list(ref.net.parameters()), allow_unused=True)
+
+        assert float(loss) == pytest.approx(float(loss_d + loss_c), rel=1e-12)
+        assert terms["metrics_c"] == pytest.approx(m, rel=1e-10)
+        s, r = sign_and_ratio(reg.schedule, t_c, "epsilon")
+        J = jacobian(ref.net, x_c, t_c, c_c)
+        lam = r + torch.linalg.eigvalsh(s * 0.5 * (J + J.transpose(1, 2)))[:, -1]
+        assert m["lambda_max_mean"] == pytest.approx(float(lam.mean()), rel=1e-10)
+        assert float(loss_c) != 0.0
+        # the contraction term's own gradient (γ s ∇ vᵀJv on the active rows), central difference vs double backward
+        pairs = [(a, b) for a, b in zip(grads, ref_grads) if b is not None]
+        assert all(a is not None for a, _ in pairs)
+        num = sum(float((a - b).norm() ** 2) for a, b in pairs) ** 0.5
+        den = sum(float(b.norm() ** 2) for _, b in pairs) ** 0.5
+        assert den > 1e-6 and num <= 1e-6 * den
+    finally:
+        torch.set_default_dtype(torch.float32)

@@ -200,6 +200,44 @@ def quadratic_form(fn: Denoiser, x, t, cond, v: torch.Tensor) -> torch.Tensor:
     return (jtv.reshape(x.shape[0], -1) * v).sum(-1)
 
 
+def central_difference_quadratic_form(fn: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
+                                      v: torch.Tensor, h: float) -> torch.Tensor:
+    r"""vᵀ J v per sample by a central difference of the network along v, differentiable w.r.t. the parameters.
+
+    .. math:: q_h = \frac{v^\top\big(f(x + h v) - f(x - h v)\big)}{2h} = v^\top J v + \frac{h^2}{6}\,
+              D^3 f(x)[v, v, v]^\top v + O(h^4),
+
+    so q_h and its parameter gradient (the difference of the two rows' parameter gradients over 2h) differ from
+    vᵀJv and ∇_θ vᵀJv by O(h²). It costs one forward and one first-order backward of the 2B rows
+    ``[x + h v; x − h v]`` — no double backward — and the rows can ride in the batch of the training loss's own pass
+    (:meth:`cdp.policy.DiffusionPolicy.denoise_and_regularize`). Accuracy against :func:`quadratic_form` is measured
+    in docs/speed.md and tested in ``tests/test_contraction.py``.
+
+    Args:
+        fn: batched denoiser. x: (B, ...) points (detached here). t: (B,). cond: (B, Dc) or None.
+        v: (B, d) directions (unit norm in the callers). h: the step, > 0, in units of x.
+    Returns:
+        (B,) q_h with a graph to the parameters of ``fn``.
+    Raises:
+        ValueError: h not finite and > 0.
+    """
+    if not (h > 0 and math.isfinite(h)):
+        raise ValueError(f"central-difference step must be finite and > 0, got {h}")
+    B = x.shape[0]
+    dx = h * v.reshape(x.shape)
+    xd = x.detach()
+    tt = torch.cat([t, t])
+    cc = None if cond is None else torch.cat([cond, cond])
+    out = fn(torch.cat([xd + dx, xd - dx]), tt, cc).reshape(2 * B, -1)
+    return central_difference_from_rows(out[:B], out[B:], v, h)
+
+
+def central_difference_from_rows(f_plus: torch.Tensor, f_minus: torch.Tensor, v: torch.Tensor, h: float) -> torch.Tensor:
+    """q_h = vᵀ(f(x + h v) − f(x − h v)) / (2h) from the two network outputs (B, ...) and v (B, d); (B,)."""
+    B = v.shape[0]
+    return ((f_plus.reshape(B, -1) - f_minus.reshape(B, -1)) * v).sum(-1) / (2.0 * h)
+
+
 def sym_matvec_operator(fn: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> Callable:
     """A function v ↦ J^sym v (both (B, d)) at fixed points x, by reverse mode only, for repeated products.
 
@@ -404,6 +442,14 @@ class ContractionConfig:
             the value *and* the gradient equal those of differentiating ``eigvalsh`` (tested to 1e-7 in float64), but
             the backward pass runs through one tangent instead of d. ``"full"``: differentiate ``eigvalsh`` of the full
             Jacobian (its graph has d tangents). Other losses always use the full Jacobian.
+        fd_step: how the parameter gradient of vᵀJv is computed under ``exact_grad="rayleigh"`` for networks without
+            a closed-form Jacobian (UNet, DiT, any callable; the MLP always uses its closed form, which is exact).
+            A float h (default 1e-2, in normalised action units along the unit vector v): by the central difference
+            vᵀ(f(x + hv) − f(x − hv))/(2h) (:func:`central_difference_quadratic_form`), whose 2m rows ride in the
+            training loss's forward pass when ``share_forward`` — one first-order backward instead of a double
+            backward. Only the gradient is approximate (O(h²); measured relative error in docs/speed.md): the loss
+            value and λ̂ come from the exact eigenvalue. ``None``: differentiate vᵀJv by autograd (double
+            backward, :func:`quadratic_form`).
         apply_prob: "lazy" regularisation (as StyleGAN2's lazy R1): :meth:`ContractionRegularizer.loss_from_clean`
             computes the term only with this probability per call (drawn from the caller's generator, so runs stay
             reproducible and resumable) and then divides it by the probability, so its expectation is unchanged
@@ -424,10 +470,13 @@ class ContractionConfig:
     apply_prob: float = 1.0
     share_forward: bool = True
     exact_grad: Literal["rayleigh", "full"] = "rayleigh"
+    fd_step: float | None = 1e-2
 
     def __post_init__(self) -> None:
         if self.exact_grad not in ("rayleigh", "full"):
             raise ValueError(f"exact_grad must be 'rayleigh' or 'full', got {self.exact_grad!r}")
+        if self.fd_step is not None and not (math.isfinite(self.fd_step) and 0.0 < self.fd_step <= 1.0):
+            raise ValueError(f"fd_step must be in (0, 1] or None (autograd), got {self.fd_step}")
         if not (0.0 < self.apply_prob <= 1.0):
             raise ValueError(f"apply_prob must be in (0, 1], got {self.apply_prob}")
         if self.loss not in LOSSES:
@@ -520,8 +569,12 @@ class ContractionRegularizer:
                 _, _, q = closed(x, t, cond, B, lambda J: self.top_direction(J, t))
                 return self.loss_from_eigenvalue(s * q, t)
             with torch.no_grad():
-                v = self.top_direction(jacobian_fast(denoiser, x, t, cond), t)
-            return self.loss_from_eigenvalue(s * quadratic_form(denoiser, x, t, cond, v), t)
+                J = jacobian_fast(denoiser, x, t, cond)
+                v = self.top_direction(J, t)
+            if c.fd_step is None:
+                return self.loss_from_eigenvalue(s * quadratic_form(denoiser, x, t, cond, v), t)
+            q_h = central_difference_quadratic_form(denoiser, x, t, cond, v, c.fd_step)
+            return self.loss_from_eigenvalue(s * self.exact_value_fd_grad(J, v, q_h), t)
         if est == "exact":  # every loss has an exact form in terms of the full Jacobian
             return self.loss_from_jacobian(jacobian_fast(denoiser, noisy_action, t, cond), t)
         s, r = sign_and_ratio(self.schedule, t.to(torch.float64), c.prediction)
@@ -584,6 +637,20 @@ class ContractionRegularizer:
         with torch.no_grad():  # eigenvectors of 2 J^sym; the top one of s J^sym is its last (s = 1) or first (s = −1)
             _, vecs = torch.linalg.eigh(J + J.transpose(1, 2))
         return vecs[:, :, -1 if s > 0 else 0]
+
+    @staticmethod
+    def exact_value_fd_grad(J: torch.Tensor, v: torch.Tensor, q_h: torch.Tensor) -> torch.Tensor:
+        """vᵀJv with the exact value (from J) and the gradient of its central-difference estimate ``q_h``.
+
+        Args:
+            J: (B, d, d) Jacobians (no graph). v: (B, d) directions. q_h: (B,) with a graph
+                (:func:`central_difference_quadratic_form` / :func:`central_difference_from_rows`).
+        Returns:
+            (B,) tensor equal to vᵀJv whose gradient is that of q_h.
+        """
+        with torch.no_grad():
+            q = (v * torch.bmm(J.reshape(v.shape[0], v.shape[1], v.shape[1]), v.unsqueeze(-1)).squeeze(-1)).sum(-1)
+        return q.to(q_h.dtype) + (q_h - q_h.detach())
 
     def loss_from_eigenvalue(self, lam_n: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         r"""Weighted hinge loss γ·mean(max(−β, r + λ)) from :math:`\lambda = \lambda_{\max}(s J_N^{sym})` per sample.

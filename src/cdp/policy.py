@@ -336,6 +336,9 @@ class DiffusionPolicy(nn.Module):
     def _denoise_and_regularize(self, reg, compiled, train_forward, a0, a_t, t, cond, generator):
         shared = (reg.config.share_forward and callable(getattr(self.net, "forward_and_jacobian", None))
                   and reg.uses_exact(a0[0].numel(), self.net))
+        if (not shared and reg.config.share_forward and reg.config.fd_step is not None
+                and reg.uses_rayleigh(a0[0].numel(), self.net)):
+            return self._central_difference_pass(reg, train_forward, a0, a_t, t, cond, generator)
         if not shared:
             out = train_forward(a_t, t, cond)
             loss_c, mc = reg.loss_from_clean(self.net, a0, cond, generator=generator)
@@ -367,6 +370,42 @@ class DiffusionPolicy(nn.Module):
         if reg.config.apply_prob < 1.0:
             loss_c, mc = loss_c / reg.config.apply_prob, {**mc, "applied": 1.0}
         return out, loss_c, mc
+
+    def _central_difference_pass(self, reg, train_forward, a0, a_t, t, cond, generator):
+        r"""The exact hinge for a network without a closed-form Jacobian (UNet, DiT), in the training loss's pass.
+
+        The m regularised points are the first m rows of the batch (or m rows drawn at the regulariser's steps when
+        ``t_range`` is not the whole schedule). Their Jacobians J (:func:`cdp.contraction.jacobian_fast`, reverse
+        mode, no graph) give the top eigenvector v of :math:`s J^{sym}` and the exact λ̂ = r + s vᵀJv; the 2m rows
+        x ± h v (h = ``fd_step``) are appended to the batch, so one forward and one first-order backward give L_d and
+        the hinge's gradient, s ∇_θ vᵀ(f(x + hv) − f(x − hv))/(2h) (Hellmann–Feynman with the central difference of
+        :func:`cdp.contraction.central_difference_quadratic_form`). Returns (output of the B rows, weighted loss,
+        metrics)."""
+        from .contraction import central_difference_from_rows, jacobian_fast
+
+        if not reg.draw_apply(generator):
+            return train_forward(a_t, t, cond), None, {"applied": 0.0}
+        B = a0.shape[0]
+        h = reg.config.fd_step
+        if reg.covers_all_steps:  # the first m rows of the batch are i.i.d. regularisation points
+            m = B if reg.config.max_samples is None else min(B, reg.config.max_samples)
+            x_c, t_c, c_c = a_t[:m].detach(), t[:m], None if cond is None else cond[:m]
+        else:  # m points at the regulariser's steps, not part of the caller's loss
+            x_c, t_c, c_c = reg.sample_points(a0, cond, generator)
+            m = x_c.shape[0]
+        with torch.no_grad():
+            J = jacobian_fast(self.net, x_c, t_c, c_c)
+            v = reg.top_direction(J, t_c)
+        dx = h * v.reshape(x_c.shape)
+        x_all = torch.cat([a_t, x_c + dx, x_c - dx])
+        t_all = torch.cat([t, t_c, t_c])
+        c_all = None if cond is None else torch.cat([cond, c_c, c_c])
+        out_all = train_forward(x_all, t_all, c_all)
+        q = reg.exact_value_fd_grad(J, v, central_difference_from_rows(out_all[B:B + m], out_all[B + m:], v, h))
+        loss_c, mc = reg.loss_from_eigenvalue(prediction_sign(reg.config.prediction) * q, t_c)
+        if reg.config.apply_prob < 1.0:
+            loss_c, mc = loss_c / reg.config.apply_prob, {**mc, "applied": 1.0}
+        return out_all[:B], loss_c, mc
 
     def _rayleigh_pass(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, t_c: torch.Tensor, m: int):
         """The shared pass of the exact hinge in plain differentiable ops (what ``compile`` compiles): the network on

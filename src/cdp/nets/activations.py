@@ -34,11 +34,14 @@ def mish(x: torch.Tensor) -> torch.Tensor:
 
     Under plain autograd (grad enabled, no ``torch.func`` transform active, not being compiled) it is one autograd
     node that keeps mish'(x) from the forward, so the backward is one multiplication (:class:`_MishFused`,
-    docs/speed.md); otherwise the composite ops above, which every transform and the compiler differentiate."""
-    if x.numel() < SMALL:
+    docs/speed.md); otherwise the composite ops above, which every transform and the compiler differentiate.
+    Inside a ``torch.func`` transform the composite ops are used at every size: ``F.mish``'s backward
+    (``aten::mish_backward``) has no ``vmap`` batching rule in PyTorch 2.13, so a vmapped pullback (the
+    Jacobian of :func:`cdp.contraction.jacobian_fast`) would loop over the cotangents one by one."""
+    transformed = torch._C._are_functorch_transforms_active()
+    if x.numel() < SMALL and not transformed:
         return nn.functional.mish(x)
-    if (torch.is_grad_enabled() and x.requires_grad and not torch._C._are_functorch_transforms_active()
-            and not torch.compiler.is_compiling()):
+    if torch.is_grad_enabled() and x.requires_grad and not transformed and not torch.compiler.is_compiling():
         return _MishFused.apply(x)
     e = torch.exp(x.clamp(max=_CLAMP))
     n = e * (e + 2.0)
