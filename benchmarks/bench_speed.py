@@ -197,34 +197,121 @@ def bench_accuracy(dims, train_steps: int, max_samples) -> list[str]:
     return rows
 
 
+CHUNK_ROUTES = {  # label -> contraction config fields (4 regularised samples per batch of 64 unless set)
+    "default": dict(),  # exact λ̂, gradient by the central difference in the training pass (fd_step 1e-2)
+    "autograd (fd_step=None)": dict(fd_step=None),  # vᵀJv by a double backward on separately drawn points
+    "full": dict(fd_step=None, exact_grad="full"),  # differentiate eigvalsh of the full Jacobian
+    "power K=4": dict(estimator="power", iters=4),
+    "m=2": dict(max_samples=2),
+    "m=1": dict(max_samples=1),
+    "lazy p=0.25": dict(apply_prob=0.25),  # m = 4 on a random quarter of the steps, ×4
+    "lazy p=0.25, m=8": dict(apply_prob=0.25, max_samples=8),
+}
+
+
+def chunk_policy(network: str, contraction: dict | None, seed: int = 0) -> DiffusionPolicy:
+    torch.manual_seed(seed)
+    kw = dict(down_dims=(32, 64, 128)) if network == "unet" else {}
+    return DiffusionPolicy(DiffusionPolicyConfig(obs_dim=20, action_dim=2, network=network, horizon=16, n_obs_steps=2,
+                                                 n_action_steps=8, schedule={"name": "vp", "num_steps": 100},
+                                                 contraction=contraction, network_kwargs=kw))
+
+
 def chunk_step_fn(network: str, contraction: dict | None, batch: int = 64):
     """One Diffusion Policy training step at PushT shapes (To = 2 observations of 20, chunk H = 16 × Da = 2, so
     d = 32), UNet down_dims (32, 64, 128) as in configs/experiments/il_pusht_unet_cpu.yaml, DiT at its defaults."""
-    torch.manual_seed(0)
-    kw = dict(down_dims=(32, 64, 128)) if network == "unet" else {}
-    p = DiffusionPolicy(DiffusionPolicyConfig(obs_dim=20, action_dim=2, network=network, horizon=16, n_obs_steps=2,
-                                              n_action_steps=8, schedule={"name": "vp", "num_steps": 100},
-                                              contraction=contraction, network_kwargs=kw))
+    p = chunk_policy(network, contraction)
     g = torch.Generator().manual_seed(1)
     p.fit_normalizers(torch.randn(256, 20, generator=g), torch.rand(256, 2, generator=g) * 2 - 1)
     obs, act = torch.randn(batch, 2, 20, generator=g), torch.rand(batch, 16, 2, generator=g) * 2 - 1
     return step_closure(p, obs, act, g)
 
 
-def bench_chunk_nets(repeats: int, max_samples: int = 4) -> list[str]:
-    """DP vs CDP training step for the UNet and the DiT (d = 32) per exact-gradient mode and power iteration."""
-    variants = {"exact, rayleigh (default)": dict(), "exact, full": dict(exact_grad="full"),
-                "power K=4": dict(estimator="power", iters=4)}
-    rows = ["| network, batch 64 | DP ms | " + " | ".join(f"CDP {v} ms (ratio)" for v in variants) + " |",
-            "|---|---:|" + "---:|" * len(variants)]
-    for net in ("unet", "dit"):
+def bench_chunk_nets(repeats: int, networks=("unet", "dit"), routes=None) -> list[str]:
+    """DP vs CDP training step (forward + backward + AdamW) for the UNet and the DiT (d = 32, batch 64) per route;
+    10 steps per timing (lazy steps are bimodal), paired ratios."""
+    routes = list(routes or CHUNK_ROUTES)
+    rows = ["| network, batch 64 | DP ms | " + " | ".join(f"CDP {v} ms (ratio)" for v in routes) + " |",
+            "|---|---:|" + "---:|" * len(routes)]
+    for net in networks:
         fns = {"base": chunk_step_fn(net, None)}
-        for v, kw in variants.items():
-            fns[v] = chunk_step_fn(net, dict(max_samples=max_samples, **kw))
-        med, times = interleaved(fns, repeats, warmup=1, raw=True)
-        b = med["base"]
-        rows.append(f"| {net} | {b:.0f} | " + " | ".join(f"{med[v]:.0f} ({paired_ratio(times, v):.2f})"
-                                                         for v in variants) + " |")
+        for v in routes:
+            fns[v] = chunk_step_fn(net, {"max_samples": 4, **CHUNK_ROUTES[v]})
+        med, times = interleaved(fns, repeats, warmup=1, n_inner=4 if net == "dit" else 10, raw=True)
+        rows.append(f"| {net} | {med['base']:.0f} | " + " | ".join(f"{med[v]:.0f} ({paired_ratio(times, v):.2f})"
+                                                                   for v in routes) + " |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _flat_grad(loss, params):
+    gs = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1) for g, q in zip(gs, params)])
+
+
+def bench_chunk_accuracy(networks=("unet", "dit"), train_steps: int = 100, draws: int = 40) -> list[str]:
+    """On a network trained ``train_steps`` plain steps at PushT shapes: (1) λ̂ of the default route (float32) against
+    eigvalsh of the vmap(jacfwd) Jacobian in float64 at the same points; (2) the contraction term's gradient by the
+    central difference against the double backward (float32, same points, every hinge active); (3) the mean and
+    variance of the contraction term's gradient over ``draws`` batches for m = 4 every step, m = 1 and lazy
+    p = 0.25: the bias check ‖ḡ_a − ḡ_b‖² N / (tr Var_a + tr Var_b) is ≈ 1 when the two routes estimate the same
+    mean gradient (unbiased subsampling), ≫ 1 otherwise; variance = E‖g − ḡ‖², relative to m = 4's."""
+    from cdp.contraction import jacobian_fast
+
+    rows = ["| network | λ̂ rel. err. median / max | central-difference vs double-backward gradient, rel. err. | "
+            "bias check m=1 vs m=4 | bias check lazy vs m=4 | gradient variance m=4 | m=1 (× m=4) | "
+            "lazy p=0.25 (× m=4) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for net in networks:
+        p = chunk_policy(net, None)
+        g = torch.Generator().manual_seed(1)
+        obs_all, act_all = torch.randn(512, 2, 20, generator=g), torch.rand(512, 16, 2, generator=g) * 2 - 1
+        p.fit_normalizers(obs_all, act_all)
+        opt = torch.optim.AdamW(p.net.parameters(), lr=1e-3)
+        for _ in range(train_steps):
+            idx = torch.randint(0, 512, (64,), generator=g)
+            opt.zero_grad()
+            p.compute_loss(obs_all[idx], act_all[idx], generator=g)[0].backward()
+            opt.step()
+        params = list(p.net.parameters())
+        obs, act = obs_all[:64], act_all[:64]
+        # (1) + (2) at the regulariser's points
+        reg = ContractionRegularizer(ContractionConfig(max_samples=16, margin=100.0), p.schedule)
+        a_t, t, c = reg.sample_points(p.action_normalizer.normalize(act), p.condition(obs), generator=g)
+        with torch.no_grad():
+            J32 = jacobian_fast(p.net, a_t, t, c)
+            lam32 = torch.linalg.eigvalsh(-0.5 * (J32 + J32.transpose(1, 2)))[:, -1]
+        net64 = chunk_policy(net, None).double()
+        net64.load_state_dict(p.state_dict())
+        J64 = jacobian(net64.net, a_t.double(), t.double(), c.double())
+        lam64 = torch.linalg.eigvalsh(-0.5 * (J64 + J64.transpose(1, 2)))[:, -1]
+        s, r = sign_and_ratio(p.schedule, t.double(), "epsilon")
+        rel = ((r + lam32.double()) - (r + lam64)).abs() / (r + lam64).abs().clamp_min(1e-12)
+        gfd, gad = [_flat_grad(ContractionRegularizer(ContractionConfig(margin=100.0, fd_step=fd), p.schedule)(
+            p.net, a_t, t, c)[0], params) for fd in (1e-2, None)]
+        grad_err = float((gfd - gad).norm() / gad.norm())
+        # (3) gradient of γ L_c over draws, per route (the policy's own pass: first m rows of each batch)
+        stats = {}
+        for seed, (label, kw) in enumerate((("m=4", dict(max_samples=4)), ("m=1", dict(max_samples=1)),
+                                            ("lazy", dict(max_samples=4, apply_prob=0.25)))):
+            q = chunk_policy(net, kw)
+            q.load_state_dict(p.state_dict())
+            qp = list(q.net.parameters())
+            gen = torch.Generator().manual_seed(7 + seed)  # independent draws per route
+            vals = []
+            for _ in range(draws):
+                idx = torch.randint(0, 512, (64,), generator=gen)
+                lc = q.loss_terms(obs_all[idx], act_all[idx], generator=gen)["loss_c"]
+                vals.append(torch.zeros(sum(x.numel() for x in qp)) if lc is None else _flat_grad(lc, qp))
+            V = torch.stack(vals)
+            stats[label] = (V.mean(0), float(((V - V.mean(0)) ** 2).sum(1).mean()))
+        m4, v4 = stats["m=4"]
+
+        def bias_check(label):  # ‖ḡ_a − ḡ_b‖² / (tr Var_a + tr Var_b) · N: ≈ 1 when both estimate the same mean
+            mu, var = stats[label]
+            return float(((mu - m4) ** 2).sum()) * draws / (var + v4)
+        rows.append(f"| {net} | {rel.median():.1e} / {rel.max():.1e} | {grad_err:.1e} | "
+                    f"{bias_check('m=1'):.2f} | {bias_check('lazy'):.2f} | {v4:.3g} | "
+                    f"{stats['m=1'][1] / v4:.2f} | {stats['lazy'][1] / v4:.2f} |")
         print(rows[-1], flush=True)
     return rows
 
@@ -272,7 +359,9 @@ def main() -> None:
     ap.add_argument("--max-samples", default="default", help="'default' (config default), 'all', or an integer")
     ap.add_argument("--compare-full", action="store_true", help="also time each estimator on the whole batch")
     ap.add_argument("--train-steps", type=int, default=None, help="plain steps before the accuracy check")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: steps,chunk,compile,accuracy,sampling")
+    ap.add_argument("--skip", default="",
+                    help="comma list of sections to skip: steps,chunk,chunk_accuracy,compile,accuracy,sampling")
+    ap.add_argument("--routes", default=None, help=f"chunk-network routes to time (default all: {','.join(CHUNK_ROUTES)})")
     ap.add_argument("--out", required=True, help="markdown file to write")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -297,7 +386,10 @@ def main() -> None:
         out += bench_steps(dims, repeats, ms, a.compare_full) + [""]
     if "chunk" not in skip:
         out += ["## Chunk networks (Diffusion Policy at PushT shapes, d = 32, 4 regularised samples per batch)", ""]
-        out += bench_chunk_nets(max(3, repeats // 3)) + [""]
+        out += bench_chunk_nets(max(3, repeats // 3), routes=a.routes.split(",") if a.routes else None) + [""]
+    if "chunk_accuracy" not in skip:
+        out += ["## Chunk networks: λ̂ accuracy, gradient accuracy and gradient variance per route", ""]
+        out += bench_chunk_accuracy(train_steps=10 if a.quick else 100, draws=8 if a.quick else 40) + [""]
     if "compile" not in skip:
         out += ["## torch.compile of the training pass (`DiffusionPolicyConfig.compile`)", ""]
         out += bench_compile([x for x in dims if x <= 7] or dims, repeats) + [""]

@@ -605,6 +605,7 @@ class ContractionRegularizer:
             metrics["lambda_max_mean"] = float(lam_d.mean())
             metrics["lambda_max_max"] = float(lam_d.max())
             metrics["frac_contractive"] = float((lam_d < 0).float().mean())
+            metrics["hinge_active_frac"] = float((lam_d >= -c.margin).float().mean())
         return self.weigh(loss_c), metrics
 
     @property
@@ -668,7 +669,7 @@ class ContractionRegularizer:
         if lam_n.shape != t.shape or lam_n.dim() != 1:
             raise ValueError(f"need lam (B,) and t (B,), got {tuple(lam_n.shape)} and {tuple(t.shape)}")
         loss, lam, per_mean = self.hinge_tensors(lam_n, t)
-        return loss, self.loss_metrics(per_mean, lam)
+        return loss, self.loss_metrics(per_mean, lam, self.config.margin)
 
     def hinge_tensors(self, lam_n: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tensor part of :meth:`loss_from_eigenvalue` (no host transfers, so it can sit in a compiled graph):
@@ -679,12 +680,16 @@ class ContractionRegularizer:
         return self.weigh(per_mean), lam.detach(), per_mean.detach()
 
     @staticmethod
-    def loss_metrics(per_mean: torch.Tensor, lam: torch.Tensor) -> dict[str, float]:
-        """The regulariser's metrics (``loss_c``, ``lambda_max_mean``, ``lambda_max_max``, ``frac_contractive``) from
-        the unweighted loss and λ̂ (B,), both detached (e.g. :meth:`hinge_tensors`' outputs)."""
-        with torch.no_grad():  # one tensor → one host transfer for the four metrics
-            vals = torch.stack([per_mean, lam.mean(), lam.max(), (lam < 0).to(lam.dtype).mean()]).tolist()
-        return dict(zip(("loss_c", "lambda_max_mean", "lambda_max_max", "frac_contractive"), vals))
+    def loss_metrics(per_mean: torch.Tensor, lam: torch.Tensor, margin: float | None = None) -> dict[str, float]:
+        """The regulariser's metrics (``loss_c``, ``lambda_max_mean``, ``lambda_max_max``, ``frac_contractive`` and,
+        given the hinge's ``margin`` β, ``hinge_active_frac``: the fraction of rows with λ̂ ≥ −β, where the hinge has
+        a gradient) from the unweighted loss and λ̂ (B,), both detached (e.g. :meth:`hinge_tensors`' outputs)."""
+        with torch.no_grad():  # one tensor → one host transfer for the metrics
+            parts = [per_mean, lam.mean(), lam.max(), (lam < 0).to(lam.dtype).mean()]
+            if margin is not None:
+                parts.append((lam >= -margin).to(lam.dtype).mean())
+            vals = torch.stack(parts).tolist()
+        return dict(zip(("loss_c", "lambda_max_mean", "lambda_max_max", "frac_contractive", "hinge_active_frac"), vals))
 
     def _ratio_values(self, t: torch.Tensor) -> list[float]:
         """r(t) of :func:`sign_and_ratio` as Python floats, memoised per distinct t (a discrete schedule has T)."""
@@ -728,7 +733,8 @@ class ContractionRegularizer:
             n = len(lam)
             loss_c = sum(max(x, -beta) for x in lam) / n
             metrics.update(loss_c=loss_c, lambda_max_mean=sum(lam) / n, lambda_max_max=max(lam),
-                           frac_contractive=sum(x < 0 for x in lam) / n)
+                           frac_contractive=sum(x < 0 for x in lam) / n,
+                           hinge_active_frac=sum(x >= -beta for x in lam) / n)
             grad = torch.tensor([w * s / n if x >= -beta else 0.0 for x in lam], dtype=q.dtype, device=q.device)
             return torch.tensor(w * loss_c, dtype=q.dtype, device=q.device), grad
         return closure
@@ -741,7 +747,8 @@ class ContractionRegularizer:
 
     def _weighted(self, per: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         loss_c = per.mean()
-        return self.weigh(loss_c), self.loss_metrics(loss_c.detach(), lam.detach())
+        margin = self.config.margin if self.config.loss == "hinge" else None
+        return self.weigh(loss_c), self.loss_metrics(loss_c.detach(), lam.detach(), margin)
 
     def loss_from_jacobian(self, J: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted contraction loss γ·L_c from the denoiser's input Jacobians (the ``exact`` estimator).

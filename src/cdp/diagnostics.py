@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from .contraction import sign_and_ratio, symmetric_jacobian_eigvals
+from .contraction import jacobian_fast, sign_and_ratio, symmetric_jacobian_eigvals
 from .samplers import make_sampler
 
 
@@ -200,3 +200,92 @@ def flow_diagnostics(policy, obs: torch.Tensor, n_samples: int, seed: int = 0) -
             "frac_contractive": float(np.mean(frac)), "div_ratio_median": float(np.median(ratio)),
             "div_bound_median": float(np.median(bound)), "n_obs": int(obs.shape[0]), "n_samples": n_samples,
             "seconds": time.time() - t0}
+
+
+def _lambda_hat(policy, x: torch.Tensor, t: torch.Tensor, cond, J: torch.Tensor | None = None) -> torch.Tensor:
+    """λ_max(Ĵ) (n,) at points x (n, ...) from the exact Jacobian (:func:`cdp.contraction.jacobian_fast`, or ``J``)."""
+    with torch.no_grad():
+        J = jacobian_fast(policy.denoiser, x, t, cond) if J is None else J
+        ev = torch.linalg.eigvalsh(0.5 * (J + J.transpose(1, 2)))
+    s, r = sign_and_ratio(policy.schedule, t.to(torch.float64), policy.config.prediction)
+    return r.to(ev.dtype) + (ev[:, -1] if s > 0 else -ev[:, 0])
+
+
+#: diffusion-time bins (t = k/T, 0 = data, 1 = noise) of :func:`loss_scale_diagnostics`' λ̂ profile
+T_BINS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+
+
+def loss_scale_diagnostics(policy, observations: torch.Tensor, actions: torch.Tensor, n_points: int = 64,
+                           seed: int = 0, bins: tuple[float, ...] = T_BINS) -> dict[str, float]:
+    r"""How large the contraction term is next to the diffusion loss, and where along the noise levels it acts.
+
+    On ``n_points`` (observation, action) pairs drawn with ``seed``: L_d (the ε- or x0-matching loss at uniformly
+    drawn steps k ∈ 1..T), the regulariser's weighted term γ·L_c at the same points restricted to its own steps
+    (``t_range``), their ratio, the fraction of those points where the hinge is active (λ̂ ≥ −β, so the term has a
+    gradient), and the mean λ̂ = λ_max(Ĵ) of the exact Jacobian (:func:`cdp.contraction.symmetric_jacobian_eigvals`)
+    per diffusion-time bin ``(lo, hi]`` over *all* steps — the profile the hinge shapes. A policy without a
+    regulariser reports its λ̂ profile with γ·L_c = 0.
+
+    Args:
+        policy: :class:`~cdp.policy.DiffusionPolicy`. observations: (N, ...) unnormalised, as ``compute_loss`` takes.
+        actions: (N, *action_shape) unnormalised. n_points: points used (≤ N). seed: draws of rows, steps and noise.
+        bins: increasing edges in [0, 1].
+    Returns:
+        ``loss_d``, ``loss_c_weighted`` (γ·L_c), ``loss_ratio`` (γ·L_c / L_d), ``hinge_active_frac`` (nan without a
+        hinge), ``lambda_hat_t{lo}-{hi}`` per bin (nan for a bin no step falls in), ``n_points``.
+    Raises:
+        ValueError: bins not increasing within [0, 1], or n_points < 1.
+    """
+    if n_points < 1:
+        raise ValueError(f"n_points must be >= 1, got {n_points}")
+    if any(b <= a for a, b in zip(bins[:-1], bins[1:])) or bins[0] < 0 or bins[-1] > 1:
+        raise ValueError(f"bins must increase within [0, 1], got {bins}")
+    dev = next(policy.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(observations.shape[0], generator=g)[:n_points]
+    obs, act = observations[idx].to(dev), actions[idx].to(dev)
+    n = obs.shape[0]
+    T = policy.schedule.num_steps
+    was_training = policy.training
+    policy.eval()
+    out: dict[str, float] = {"n_points": int(n)}
+    try:
+        with torch.no_grad():
+            cond = policy.condition(obs)
+            a0 = policy.action_normalizer.normalize(act)
+            k = torch.randint(1, T + 1, (n,), generator=g).to(dev)
+            noise = torch.randn(a0.shape, generator=g).to(dev, a0.dtype)
+            al, si = policy.schedule.discrete_alpha_sigma(k, a0.dtype)
+            shape = (-1,) + (1,) * (a0.dim() - 1)
+            al, si = al.to(dev).view(shape), si.to(dev).view(shape)
+            a_t = al * a0 + si * noise
+            t = k.to(a0.dtype) / T
+            pred = policy.denoiser(a_t, t, cond)
+            target = noise if policy.config.prediction == "epsilon" else a0
+            out["loss_d"] = float(((pred - target) ** 2).mean())
+        lam = _lambda_hat(policy, a_t, t, cond).double()
+        for lo, hi in zip(bins[:-1], bins[1:]):
+            sel = (t > lo + 1e-9) & (t <= hi + 1e-9)
+            out[f"lambda_hat_t{lo:g}-{hi:g}"] = float(lam[sel].mean()) if bool(sel.any()) else float("nan")
+        reg = policy.regularizer
+        if reg is None or reg.config.weight <= 0:
+            out.update(loss_c_weighted=0.0, loss_ratio=0.0, hinge_active_frac=float("nan"))
+        else:  # the regulariser's own steps: redraw k within them for the same rows
+            steps = reg.steps.to(dev)
+            kc = steps[torch.randint(0, len(steps), (n,), generator=g).to(dev)]
+            alc, sic = policy.schedule.discrete_alpha_sigma(kc, a0.dtype)
+            a_c = alc.to(dev).view(shape) * a0 + sic.to(dev).view(shape) * noise
+            tc = kc.to(a0.dtype) / T
+            with torch.no_grad():
+                J = jacobian_fast(policy.denoiser, a_c, tc, cond)
+                loss_c, _ = reg.loss_from_jacobian(J, tc)
+            out["loss_c_weighted"] = float(loss_c)
+            out["loss_ratio"] = float(loss_c) / out["loss_d"] if out["loss_d"] > 0 else float("nan")
+            if reg.config.loss == "hinge":
+                lam_c = _lambda_hat(policy, a_c, tc, cond, J)
+                out["hinge_active_frac"] = float((lam_c >= -reg.config.margin).double().mean())
+            else:
+                out["hinge_active_frac"] = float("nan")
+    finally:
+        policy.train(was_training)
+    return out

@@ -300,6 +300,11 @@ class DiffusionPolicy(nn.Module):
         metrics = {"loss_d": float(loss_d.detach())}
         loss = loss_d if loss_c is None else loss_d + loss_c
         metrics.update({f"contraction/{key}": v for key, v in d["metrics_c"].items()})
+        if loss_c is not None:  # the scale of γ·L_c next to L_d (lazy steps without the term log neither)
+            weighted = float(loss_c.detach())
+            metrics["contraction/loss_c_weighted"] = weighted
+            if metrics["loss_d"] > 0:
+                metrics["contraction/loss_ratio"] = weighted / metrics["loss_d"]
         metrics["loss"] = float(loss.detach())
         return loss, metrics
 
@@ -356,7 +361,7 @@ class DiffusionPolicy(nn.Module):
             c_all = None if cond is None else torch.cat([cond_c, cond])
         if compiled and reg.uses_rayleigh(a0[0].numel(), self.net) and callable(getattr(self.net, "forward_and_jvp", None)):
             out_all, loss_c, lam, per_mean = self._compiled("rayleigh", self._rayleigh_pass)(x_all, t_all, c_all, t_c, m)
-            mc = reg.loss_metrics(per_mean, lam)
+            mc = reg.loss_metrics(per_mean, lam, reg.config.margin)
         elif reg.uses_rayleigh(a0[0].numel(), self.net) and callable(getattr(self.net, "forward_and_rayleigh", None)):
             # one graph-carrying tangent per point (Hellmann–Feynman)
             mc = {}  # the hinge is applied inside the fused pass (no autograd nodes of its own)

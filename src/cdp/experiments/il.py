@@ -43,7 +43,7 @@ from ..data.il import (SequenceWindows, default_pusht_zarr_path, load_pusht_lowd
                        subsample_episodes)
 from ..data.lerobot import is_lerobot_dataset, load_lerobot_dataset
 from ..devices import make_generator, resolve_device
-from ..diagnostics import flow_diagnostics
+from ..diagnostics import flow_diagnostics, loss_scale_diagnostics
 from ..policies.bc_gmm import BCGMMConfig, BCGMMPolicy
 from ..policy import DiffusionPolicy, DiffusionPolicyConfig
 from ..runs import RunDir, load_policy, median_call_ms
@@ -476,6 +476,10 @@ def run_il(cfg: ExperimentConfig, log=print) -> dict:
                 prefix="diag/")
     else:
         results["diagnostics"] = {"skipped": "eval.diag_obs or eval.diag_samples = 0"}
+    if isinstance(policy, DiffusionPolicy) and n_obs > 0:  # the size of γ·L_c next to L_d, λ̂ per noise level
+        results["loss_scale"] = loss_scale_diagnostics(policy, obs, act, n_points=64, seed=t.seed)
+        run.log(res["step"], {k: v for k, v in results["loss_scale"].items()
+                              if isinstance(v, float) and math.isfinite(v)}, prefix="loss_scale/")
     ev = results.get("eval", {})
     run.summary(res["step"], {k: v for k, v in ev.items() if isinstance(v, float)}, prefix="eval/")
     run.summary(res["step"], {"final_loss": results["train"]["final_loss"] or float("nan")}, prefix="train/")
@@ -497,6 +501,10 @@ def run_il(cfg: ExperimentConfig, log=print) -> dict:
         log(f"contraction: mean lambda_hat {dg['lambda_hat_mean']:.3f} (t<=0.1: {dg['lambda_hat_mean_low_noise']:.3f}), "
             f"frac contractive {dg['frac_contractive']:.2f}, divergence ratio {dg['div_ratio_median']:.3g} "
             f"(bound {dg['div_bound_median']:.3g})")
+    ls = results.get("loss_scale")
+    if ls and ls.get("loss_c_weighted"):
+        log(f"loss scale: L_d {ls['loss_d']:.4f}, gamma*L_c {ls['loss_c_weighted']:.4f} (ratio {ls['loss_ratio']:.3f}), "
+            f"hinge active at {ls['hinge_active_frac']:.2f} of the regularised points")
     log(f"wrote {out / 'results.json'}")
     return results
 

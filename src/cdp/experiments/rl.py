@@ -11,6 +11,7 @@ sampling-drift Jacobian along DDIM trajectories from dataset states; < 0 = contr
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 
 from ..config import ExperimentConfig, RL_FIELD_KEYS, base_config, flatten, to_plain, used_keys
 from ..devices import make_generator, resolve_device
-from ..diagnostics import dataset_state_diagnostics
+from ..diagnostics import dataset_state_diagnostics, loss_scale_diagnostics
 from ..rl import algo_config_class, make_agent
 from ..runs import RunDir, load_checkpoint, load_module_state, median_call_ms
 from ..training.trainer import check_resume, fit, resumable_identity, run_identity
@@ -241,11 +242,16 @@ def run_rl(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
         ev = {k: v for k, v in ev.items() if k != "returns"}
         run.log(res["step"], {k: v for k, v in ev.items() if isinstance(v, (int, float))}, prefix="eval/")
     t_eval = time.perf_counter() - t2 + res["eval_s"]
-    diag = None
+    diag = loss_scale = None
     n_diag = 64 if cfg.eval.diag_obs is None else cfg.eval.diag_obs
     if cfg.algo.name != "bc" and n_diag > 0:
         diag = dataset_state_diagnostics(agent.ema.model, data["observations"], n_states=n_diag, seed=cfg.train.seed)
         run.log(res["step"], diag, prefix="diagnostics/")
+        # the size of γ·L_c next to the actor's diffusion loss L_d, λ̂ per noise level (dataset actions)
+        loss_scale = loss_scale_diagnostics(agent.ema.model, data["observations"], data["actions"], n_points=64,
+                                            seed=cfg.train.seed)
+        run.log(res["step"], {k: v for k, v in loss_scale.items() if isinstance(v, float) and math.isfinite(v)},
+                prefix="loss_scale/")
     obs1 = data["observations"][:1].to(device)
     g_lat = make_generator(cfg.train.seed, device)
     timing = {"data_s": round(t_data, 1), "train_s": round(res["train_s"], 1), "eval_s": round(t_eval, 1),
@@ -257,7 +263,8 @@ def run_rl(cfg: ExperimentConfig, log=print) -> dict[str, Any]:
                "mean_return": ev["mean_return"], "success_rate": ev.get("success_rate"), "episodes": cfg.eval.episodes,
                "n_transitions": len(ds), "n_trajectories": ds.n_trajectories,
                "ref_scores": [ds.ref_min_score, ds.ref_max_score],
-               "evals": res["evals"], "contraction_diagnostics": diag, "timing": timing}
+               "evals": res["evals"], "contraction_diagnostics": diag,
+               "loss_scale": loss_scale, "timing": timing}
     run.summary(res["step"], {k: results[k] for k in ("normalized_score_mean", "normalized_score_std", "mean_return",
                                                      "success_rate") if results[k] is not None})
     run.summary(res["step"], {k: v for k, v in (diag or {}).items() if isinstance(v, float)}, prefix="diagnostics/")
