@@ -570,3 +570,96 @@ def test_central_difference_gradient_keeps_the_exact_value(prediction):
         ContractionConfig(fd_step=0.0)
     with pytest.raises(ValueError, match="fd_step"):
         ContractionConfig(fd_step=float("nan"))
+
+
+def _trajectory_reference(reg, f, a_init, cond, s):
+    """Λ and the loss rebuilt independently: own DDIM loop over the grid, λ̂ from eigvalsh of the vmap(jacfwd)
+    Jacobian (differentiated through eigvalsh, not through the Hellmann–Feynman route)."""
+    sch = reg.schedule
+    T = sch.num_steps
+    ks, dts = reg.trajectory_grid()
+    n = min(reg.config.trajectory_steps, T)
+    grid = torch.round(torch.arange(n, 0, -1, dtype=torch.float64) * T / n).long().tolist()
+    a, lams = a_init, []
+    for i, k in enumerate(grid):
+        t = torch.full((a.shape[0],), k / T, dtype=a.dtype)
+        if k in ks:
+            J = jacobian(f, a.detach(), t, cond)
+            sg, r = sign_and_ratio(sch, t, "epsilon")
+            ev = torch.linalg.eigvalsh(sg * 0.5 * (J + J.transpose(1, 2)))[:, -1]
+            _, cn = sch.ode_coefficients(t, "epsilon")
+            lams.append(cn.abs() * (r + ev) * dts[ks.index(k)])
+        if k == ks[-1]:
+            break
+        with torch.no_grad():  # DDIM step (ε-prediction, no clipping)
+            al, si = sch.discrete_alpha_sigma(torch.tensor(k), torch.float64)
+            kp = grid[i + 1] if i + 1 < len(grid) else 0
+            alp, sip = sch.discrete_alpha_sigma(torch.tensor(kp), torch.float64)
+            eps = f(a, t, cond)
+            a = alp * (a - si * eps) / al + sip * eps
+    big = torch.stack(lams).sum(0)
+    return big, torch.clamp(big, min=-reg.config.margin).mean()
+
+
+@pytest.mark.parametrize("t_range", [(0.0, 1.0), (0.0, 0.5)])
+def test_trajectory_loss_equals_an_independent_eigvalsh_computation(t_range):
+    """The trajectory loss (Λ = Σ |c_n| λ̂ Δτ along DDIM trajectories, hinge at −β): value, Λ and parameter gradient
+    equal an independent float64 computation that differentiates eigvalsh of full Jacobians at the same points
+    (Hellmann–Feynman), with the autograd and the central-difference Rayleigh routes."""
+    net = tiny_net(d=3, hidden=16)
+    f = net_fn(net)
+    g = torch.Generator().manual_seed(0)
+    a0, cond = torch.randn(6, 3, dtype=torch.float64, generator=g), torch.randn(6, 2, dtype=torch.float64, generator=g)
+    a_init = torch.randn(6, 3, dtype=torch.float64, generator=g)
+    sch = NoiseSchedule(ScheduleConfig(name="vp", num_steps=20))
+    params = list(net.parameters())[:3]
+    for fd in (None, 1e-4):
+        reg = ContractionRegularizer(ContractionConfig(loss="trajectory", margin=50.0, weight=0.4, t_range=t_range,
+                                                       trajectory_steps=5, max_samples=None, fd_step=fd), sch)
+        loss, m = reg.trajectory_loss(f, a0, cond, a_init=a_init)
+        big, ref = _trajectory_reference(reg, f, a_init, cond, None)
+        assert float(loss) == pytest.approx(0.4 * float(ref), rel=1e-10)
+        assert m["log_bound_mean"] == pytest.approx(float(big.mean()), rel=1e-10)
+        g1 = torch.autograd.grad(loss, params)
+        g2 = torch.autograd.grad(0.4 * ref, params)
+        for x, y in zip(g1, g2):
+            assert float((x - y).norm()) <= 1e-6 * float(y.norm()) + 1e-12
+        assert any(float(x.abs().max()) > 1e-6 for x in g1)
+    assert len(reg.trajectory_grid()[0]) == (5 if t_range == (0.0, 1.0) else 2)  # k = 20..4, or k = 8, 4
+
+
+def test_trajectory_log_bound_of_the_gaussian_flow_is_closed_form():
+    """For N(0, s² I) data the exact ε-network gives λ̂(t) = σ − σ/(α² s² + σ²) at every point, so
+    Λ = Σ_i |c_n(t_i)| λ̂(t_i) Δτ_i is known in closed form: 0 for s = 1, and the hinge with β = 0 is inactive for
+    contracting data (s = 0.5: Λ < 0, loss 0, no trajectory active)."""
+    sch = NoiseSchedule(ScheduleConfig(name="vp", num_steps=50))
+    for s_data in (1.0, 0.5, 2.0):
+        f = exact_eps(sch, 0.0, s_data)
+        reg = ContractionRegularizer(ContractionConfig(loss="trajectory", margin=0.0, trajectory_steps=10,
+                                                       max_samples=None), sch)
+        a0 = torch.zeros(4, 2, dtype=torch.float64)
+        loss, m = reg.trajectory_loss(f, a0, None, generator=torch.Generator().manual_seed(0))
+        ks, dts = reg.trajectory_grid()
+        t = torch.tensor(ks, dtype=torch.float64) / 50
+        al, si = sch.alpha(t), sch.sigma(t)
+        lam = si - si / (al**2 * s_data**2 + si**2)
+        _, cn = sch.ode_coefficients(t, "epsilon")
+        want = float((cn.abs() * lam * torch.tensor(dts, dtype=torch.float64)).sum())
+        assert m["log_bound_mean"] == pytest.approx(want, rel=1e-9, abs=1e-12)
+        if s_data == 0.5:
+            assert want < 0 and float(loss) == 0.0 and m["hinge_active_frac"] == 0.0
+        if s_data == 2.0:
+            assert want > 0 and float(loss) == pytest.approx(0.1 * want, rel=1e-9)
+
+
+def test_trajectory_loss_settings_are_checked():
+    sch = NoiseSchedule(ScheduleConfig(name="vp", num_steps=20))
+    with pytest.raises(ValueError, match="trajectory_steps"):
+        ContractionConfig(loss="trajectory", trajectory_steps=0)
+    with pytest.raises(ValueError, match="does not apply"):
+        ContractionConfig(loss="trajectory", estimator="power")
+    reg = ContractionRegularizer(ContractionConfig(loss="trajectory", t_range=(0.0, 0.05), trajectory_steps=4), sch)
+    with pytest.raises(ValueError, match="trajectory_steps"):  # grid k = 20, 15, 10, 5: none at t <= 0.05
+        reg.trajectory_loss(lambda x, t, c: x, torch.zeros(2, 2), None)
+    with pytest.raises(ValueError, match="own"):
+        reg(lambda x, t, c: x, torch.zeros(2, 2), torch.full((2,), 0.5))

@@ -47,6 +47,19 @@ Losses (all on :math:`\hat J`, per sample, averaged over the regularised samples
     Hutchinson twin (:math:`\mathbb E_v\|(\hat J+\beta I)v\|^2/d`, Rademacher v) estimate the same quantity.
     (The paper writes :math:`\|J_\varepsilon^{sym}+\beta I\|_F`; taken literally for an ε-network in sampling time that
     would push the flow to *expand*; this is its sign-consistent form.)
+  * ``trajectory`` (this project's variant, not in the paper): a hinge on the quantity Corollary 3.1.1 bounds
+    instead of on each point. Along a sampling trajectory a(τ) the log of the bound is
+    :math:`\Lambda = \int \lambda_{\max}(J_F^{sym})\,\mathrm d\tau = \int |c_n(t)|\,\lambda_{\max}(\hat J)\,\mathrm d\tau`,
+    discretised on a DDIM grid :math:`k_1 > \dots > k_n` (``trajectory_steps`` steps, left Riemann sum, the network
+    evaluated where the sampler evaluates it):
+    :math:`\Lambda \approx \sum_i |c_n(t_i)|\,\hat\lambda_i\,\Delta\tau_i`, :math:`\Delta\tau_i = (k_i - k_{i+1})/T`,
+    :math:`k_{n+1} = 0`, summed over the grid points with :math:`t_i` in ``t_range``. The loss is
+    :math:`\max(-\beta, \Lambda)` per trajectory: the flow may expand at some noise levels (between modes at middle
+    noise) as long as the whole flow contracts by at least :math:`e^{-\beta}`; the per-point hinge forbids any local
+    expansion. The visited points are treated as constants (stop-gradient through the trajectory, as the per-point
+    loss treats its noisy samples), so :math:`\partial\Lambda = \sum_i |c_n(t_i)|\Delta\tau_i\,\partial\hat\lambda_i`
+    with :math:`\partial\hat\lambda_i = s\,v_i^\top \partial J\, v_i` (Hellmann–Feynman, exact eigenvectors).
+    Trajectories start from N(0, I) noise at the conditions of ``max_samples`` rows of the batch.
   * ``authors``: the public code's variant, for reproduction: the Jacobian of the x0-prediction
     (:math:`J_{x_0} = (I - \sigma J_\varepsilon)/\alpha` for an ε-network) and ``mean((J_x0^sym + m I)**2)`` over matrix
     entries, ``m = authors_shift`` (0.1); the public code applies it at the lowest-noise 10% of steps
@@ -83,7 +96,7 @@ from .schedules import NoiseSchedule, PREDICTION_TYPES
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 ESTIMATORS = ("exact", "power", "lanczos", "power_unshifted", "hutchinson")
-LOSSES = ("hinge", "frobenius", "authors")
+LOSSES = ("hinge", "frobenius", "authors", "trajectory")
 
 
 # ------------------------------------------------------------------------------------------------ sign convention
@@ -408,7 +421,8 @@ class ContractionConfig:
     r"""Settings of the contraction regulariser.
 
     Attributes:
-        loss: ``"hinge"`` (paper, default), ``"frobenius"`` or ``"authors"`` (public-code variant).
+        loss: ``"hinge"`` (paper, default), ``"frobenius"``, ``"authors"`` (public-code variant) or ``"trajectory"``
+            (the hinge on the integrated λ̂ along DDIM trajectories, see the module docstring).
         estimator: for ``hinge``: ``"exact"``, ``"power"``, ``"lanczos"``, ``"power_unshifted"``; for
             ``frobenius``: ``"exact"`` or ``"hutchinson"``; ``authors`` always uses the exact Jacobian.
             ``"auto"`` picks ``exact`` when the action dimension d ≤ ``auto_exact_max_dim`` (128) and ``power``
@@ -450,13 +464,14 @@ class ContractionConfig:
             backward. Only the gradient is approximate (O(h²); measured relative error in docs/speed.md): the loss
             value and λ̂ come from the exact eigenvalue. ``None``: differentiate vᵀJv by autograd (double
             backward, :func:`quadratic_form`).
+        trajectory_steps: DDIM steps of the ``trajectory`` loss's sampling trajectories (≤ the schedule's T).
         apply_prob: "lazy" regularisation (as StyleGAN2's lazy R1): :meth:`ContractionRegularizer.loss_from_clean`
             computes the term only with this probability per call (drawn from the caller's generator, so runs stay
             reproducible and resumable) and then divides it by the probability, so its expectation is unchanged
             while the average cost falls by that factor. 1.0 (default): every step.
     """
 
-    loss: Literal["hinge", "frobenius", "authors"] = "hinge"
+    loss: Literal["hinge", "frobenius", "authors", "trajectory"] = "hinge"
     estimator: str = "auto"
     weight: float = 0.1
     margin: float = 0.0
@@ -471,6 +486,7 @@ class ContractionConfig:
     share_forward: bool = True
     exact_grad: Literal["rayleigh", "full"] = "rayleigh"
     fd_step: float | None = 1e-2
+    trajectory_steps: int = 10
 
     def __post_init__(self) -> None:
         if self.exact_grad not in ("rayleigh", "full"):
@@ -482,13 +498,16 @@ class ContractionConfig:
         if self.loss not in LOSSES:
             raise ValueError(f"unknown contraction loss {self.loss!r}; expected one of {LOSSES}")
         allowed = {"hinge": ("auto", "exact", "power", "lanczos", "power_unshifted"),
-                   "frobenius": ("auto", "exact", "hutchinson"), "authors": ("auto", "exact")}[self.loss]
+                   "frobenius": ("auto", "exact", "hutchinson"), "authors": ("auto", "exact"),
+                   "trajectory": ("auto", "exact")}[self.loss]
         if self.estimator not in allowed:
             raise ValueError(f"estimator {self.estimator!r} does not apply to loss {self.loss!r}; choose from {allowed}")
         if not (self.weight >= 0 and math.isfinite(self.weight)):
             raise ValueError(f"weight (gamma) must be finite and >= 0, got {self.weight}")
         if not (self.margin >= 0 and math.isfinite(self.margin)):
             raise ValueError(f"margin (beta) must be finite and >= 0, got {self.margin}")
+        if self.trajectory_steps < 1:
+            raise ValueError(f"trajectory_steps must be >= 1, got {self.trajectory_steps}")
         if self.iters < 1 or self.n_probes < 1:
             raise ValueError("iters and n_probes must be >= 1")
         lo, hi = self.t_range
@@ -532,7 +551,7 @@ class ContractionRegularizer:
         c = self.config
         if c.estimator != "auto":
             return c.estimator
-        if c.loss == "authors":
+        if c.loss in ("authors", "trajectory"):
             return "exact"
         if d <= c.auto_exact_max_dim:
             return "exact"
@@ -554,6 +573,8 @@ class ContractionRegularizer:
             ValueError: shape mismatch between ``noisy_action``, ``t`` and ``cond``.
         """
         c = self.config
+        if c.loss == "trajectory":
+            raise ValueError("the trajectory loss visits points of its own: call loss_from_clean or trajectory_loss")
         B = noisy_action.shape[0]
         if t.shape != (B,):
             raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
@@ -614,9 +635,9 @@ class ContractionRegularizer:
         return len(self.steps) == self.schedule.num_steps
 
     def uses_exact(self, d: int, denoiser: Denoiser | None = None) -> bool:
-        """Whether the loss at action dimension ``d`` is computed from the full Jacobian (so a network's
-        ``forward_and_jacobian`` can supply it)."""
-        return self._estimator(d, denoiser) == "exact"
+        """Whether the loss at action dimension ``d`` is computed from the full Jacobian at the training points (so
+        a network's ``forward_and_jacobian`` can supply it; the ``trajectory`` loss uses points of its own)."""
+        return self.config.loss != "trajectory" and self._estimator(d, denoiser) == "exact"
 
     def uses_rayleigh(self, d: int, denoiser: Denoiser | None = None) -> bool:
         """Whether the loss at action dimension ``d`` is the hinge on the exact λ_max differentiated through
@@ -795,6 +816,95 @@ class ContractionRegularizer:
         return p >= 1.0 or float(torch.rand((), generator=generator,
                                             device=generator.device if generator is not None else None)) < p
 
+    def trajectory_grid(self) -> tuple[list[int], list[float]]:
+        """The ``trajectory`` loss's grid: the DDIM steps k_i (descending, ``trajectory_steps`` of them, as
+        :meth:`cdp.samplers.DiffusionSampler.set_timesteps` spaces them) whose t = k/T lies in ``t_range``, and their
+        sampling-time lengths Δτ_i = (k_i − k_{i+1})/T (k_{n+1} = 0)."""
+        T = self.schedule.num_steps
+        n = min(self.config.trajectory_steps, T)
+        ks = torch.round(torch.arange(n, 0, -1, dtype=torch.float64) * T / n).long().tolist()
+        lo, hi = self.config.t_range
+        grid = [(k, (k - kp) / T) for k, kp in zip(ks, ks[1:] + [0]) if lo < k / T <= hi + 1e-12]
+        return [k for k, _ in grid], [dt for _, dt in grid]
+
+    def trajectory_loss(self, denoiser: Denoiser, clean_action: torch.Tensor, cond: torch.Tensor | None = None,
+                        generator: torch.Generator | None = None, a_init: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+        r"""γ·mean max(−β, Λ) over DDIM trajectories, Λ = Σ_i |c_n(t_i)| λ̂_i Δτ_i (the ``trajectory`` loss; module
+        docstring).
+
+        Args:
+            denoiser: batched ``(x, t, cond) -> (B, ...)``. clean_action: (B, ...) normalised actions (only their
+                shape and the batch's conditions are used). cond: (B, Dc) or None. generator: RNG of the row
+                subsample and of the initial noise; ``a_init`` (b, ...) replaces the noise draw.
+        Returns:
+            (loss, metrics): ``loss_c`` (unweighted), ``log_bound_mean`` (mean Λ), ``frac_flows_contractive``
+            (Λ < 0), ``hinge_active_frac`` (Λ ≥ −β), and λ̂ statistics over the visited points
+            (``lambda_max_mean``, ``lambda_max_max``, ``frac_contractive``).
+        Raises:
+            ValueError: no grid step lies in ``t_range`` (raise ``trajectory_steps`` or widen ``t_range``).
+        """
+        from .samplers import make_sampler
+
+        c = self.config
+        ks, dts = self.trajectory_grid()
+        if not ks:
+            raise ValueError(f"no DDIM step of the trajectory loss lies in t_range {c.t_range} with "
+                             f"trajectory_steps={c.trajectory_steps}; raise policy.contraction.trajectory_steps or "
+                             "widen policy.contraction.t_range")
+        B = clean_action.shape[0]
+        b = B if c.max_samples is None else min(B, c.max_samples)
+        dev = clean_action.device
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        idx = torch.randperm(B, generator=generator, device=gdev)[:b].to(dev) if b < B else torch.arange(B, device=dev)
+        cnd = None if cond is None else cond[idx]
+        shape = (b,) + tuple(clean_action.shape[1:])
+        if a_init is None:
+            a_init = torch.randn(shape, generator=generator, dtype=clean_action.dtype, device=gdev).to(dev)
+        sampler = make_sampler("ddim", self.schedule, c.prediction, None, min(c.trajectory_steps, self.schedule.num_steps))
+        T = self.schedule.num_steps
+        xs, ts = [], []
+        a = a_init.detach()
+        with torch.no_grad():  # the visited points, without a graph
+            for i, k in enumerate(sampler.timesteps.tolist()):
+                t_k = torch.full((b,), k / T, dtype=a.dtype, device=dev)
+                if k in ks:
+                    xs.append(a)
+                    ts.append(t_k)
+                if k == ks[-1]:
+                    break
+                a = sampler.step(denoiser(a, t_k, cnd), i, a)
+        n = len(xs)
+        x, t = torch.cat(xs), torch.cat(ts)  # (n·b, ...), rows grouped by grid step
+        cc = None if cnd is None else cnd.repeat(n, 1)
+        s, r = sign_and_ratio(self.schedule, t.to(torch.float64), c.prediction)
+        with torch.no_grad():
+            J = jacobian_fast(denoiser, x, t, cc)
+            v = self.top_direction(J, t)
+        if c.fd_step is None or callable(getattr(denoiser, "input_jacobian", None)):
+            closed = getattr(denoiser, "input_jacobian", None)
+            if callable(closed):  # vᵀJv with the graph by the closed form
+                q = (v * torch.bmm(closed(x, t, cc).reshape(v.shape[0], v.shape[1], v.shape[1]),
+                                   v.unsqueeze(-1)).squeeze(-1)).sum(-1)
+            else:
+                q = quadratic_form(denoiser, x, t, cc, v)
+        else:
+            q = self.exact_value_fd_grad(J, v, central_difference_quadratic_form(denoiser, x, t, cc, v, c.fd_step))
+        lam = (r.to(q.dtype) + s * q).reshape(n, b)  # λ̂ at each visited point
+        _, cn = self.schedule.ode_coefficients(t.to(torch.float64).reshape(n, b)[:, 0], c.prediction)
+        w = (cn.abs() * torch.tensor(dts, dtype=torch.float64)).to(lam.dtype)  # (n,) |c_n| Δτ
+        big_lambda = (w[:, None] * lam).sum(0)  # (b,) log of the Corollary 3.1.1 bound per trajectory
+        per = torch.clamp(big_lambda, min=-c.margin)
+        loss_c = per.mean()
+        with torch.no_grad():
+            ld, bl = lam.detach(), big_lambda.detach()
+            vals = torch.stack([loss_c.detach(), bl.mean(), (bl < 0).to(bl.dtype).mean(),
+                                (bl >= -c.margin).to(bl.dtype).mean(), ld.mean(), ld.max(),
+                                (ld < 0).to(ld.dtype).mean()]).tolist()
+        metrics = dict(zip(("loss_c", "log_bound_mean", "frac_flows_contractive", "hinge_active_frac",
+                            "lambda_max_mean", "lambda_max_max", "frac_contractive"), vals))
+        return self.weigh(loss_c), metrics
+
     def sample_points(self, clean_action: torch.Tensor, cond: torch.Tensor | None = None,
                       generator: torch.Generator | None = None):
         """Draw regularisation points: a subsample of the batch, steps k from :attr:`steps`, fresh noise.
@@ -827,8 +937,11 @@ class ContractionRegularizer:
         p = self.config.apply_prob
         if not self.draw_apply(generator):
             return clean_action.new_zeros(()), {"applied": 0.0}
-        a_t, t, c = self.sample_points(clean_action, cond, generator)
-        loss, metrics = self(denoiser, a_t, t, c, generator=generator)
+        if self.config.loss == "trajectory":
+            loss, metrics = self.trajectory_loss(denoiser, clean_action, cond, generator)
+        else:
+            a_t, t, c = self.sample_points(clean_action, cond, generator)
+            loss, metrics = self(denoiser, a_t, t, c, generator=generator)
         if p < 1.0:
             loss = loss / p
             metrics["applied"] = 1.0

@@ -270,6 +270,12 @@ def loss_scale_diagnostics(policy, observations: torch.Tensor, actions: torch.Te
         reg = policy.regularizer
         if reg is None or reg.config.weight <= 0:
             out.update(loss_c_weighted=0.0, loss_ratio=0.0, hinge_active_frac=float("nan"))
+        elif reg.config.loss == "trajectory":  # its own points: DDIM trajectories from the rows' conditions
+            with torch.no_grad():
+                loss_c, mt = reg.trajectory_loss(policy.denoiser, a0, cond, generator=g)
+            out["loss_c_weighted"] = float(loss_c)
+            out["loss_ratio"] = float(loss_c) / out["loss_d"] if out["loss_d"] > 0 else float("nan")
+            out["hinge_active_frac"] = mt["hinge_active_frac"]
         else:  # the regulariser's own steps: redraw k within them for the same rows
             steps = reg.steps.to(dev)
             kc = steps[torch.randint(0, len(steps), (n,), generator=g).to(dev)]
