@@ -103,7 +103,7 @@ class AlgoConfig:
 
     name: str = "cdp"
     variants: list[str] = field(default_factory=lambda: ["standard", "cdp_all", "cdp_low10"])
-    """Toy: standard (no contraction), cdp_all (every step), cdp_low10 (lowest-noise 10%)."""
+    """Toy: standard (no contraction), cdp_all (every step), cdp_low10 (lowest-noise 10%), cdp_low50 (lower half)."""
     eta: float = _d(EDPConfig, "eta")
     """EDP / Diffusion-QL: weight η of the normalised Q term."""
     discount: float = _d(EDPConfig, "discount")
@@ -323,7 +323,8 @@ IL_PRESETS: dict[str, tuple[str, int, int, int, bool]] = {
     "cdp_dbc": ("mlp", 1, 2, 1, True),
     "bc_gmm": ("gmm", 1, 2, 1, False),        # BC-GMM (robomimic): 5-mode Gaussian mixture, MLP 2x1024
 }
-TOY_VARIANTS: dict[str, tuple[float, float] | None] = {"standard": None, "cdp_all": (0.0, 1.0), "cdp_low10": (0.0, 0.1)}
+TOY_VARIANTS: dict[str, tuple[float, float] | None] = {"standard": None, "cdp_all": (0.0, 1.0), "cdp_low10": (0.0, 0.1),
+                                                       "cdp_low50": (0.0, 0.5)}
 
 #: RL algorithm-config field → tree key (the RL algorithms' defaults are declared in their config classes)
 RL_FIELD_KEYS: dict[str, str] = {

@@ -43,7 +43,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ValueError("data.mode_std > 0, data.n_data >= 4 and eval.n_samples >= 10 are required")
 
 
-LABELS = {"standard": "standard diffusion", "cdp_all": "CDP (all steps)", "cdp_low10": "CDP (t ≤ 0.1)"}
+LABELS = {"standard": "standard diffusion", "cdp_all": "CDP (all steps)", "cdp_low10": "CDP (t ≤ 0.1)",
+          "cdp_low50": "CDP (t ≤ 0.5)"}
 
 
 def make_toy_data(n: int, mode_std: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

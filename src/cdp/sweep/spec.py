@@ -28,7 +28,8 @@ GRID_FLAGS = {"out", "job", "checkpoint", "train.seed", "data.fraction", "algo.n
 #: rl keys that make the shared generated dataset (:meth:`Spec.rl_dataset`): one value per spec, in ``overrides``
 SHARED_DATA_KEYS = {"data.size", "data.action_noise", "data.seed"}
 DEFAULT_BASELINES = {"cdp": "edp", "cdp_dql": "dql", "cdp_idql": "idql", "cdp_dbc": "dbc", "cdp_unet": "dp_unet",
-                     "cdp_dit": "dp_dit", "cdp_all": "standard", "cdp_low10": "standard"}
+                     "cdp_dit": "dp_dit", "cdp_all": "standard", "cdp_low10": "standard",
+                     "cdp_low50": "standard"}
 SPEC_KEYS = {"name", "job", "out", "algos", "datasets", "fractions", "seeds", "overrides", "baselines", "workers",
              "description", "shared_dataset", "algo_overrides", "data"}
 #: rl dataset names made by ``cdp data mujoco``: <robot>-<kind> → env Hopper-v5 etc.
