@@ -330,7 +330,8 @@ def test_stats_helpers():
 
 def test_toy_grid_on_ray(tmp_path, capsys):
     pytest.importorskip("ray")
-    spec = {"name": "tiny", "job": "toy", "out": str(tmp_path), "algos": ["standard", "cdp_all"], "seeds": [0, 1],
+    spec = {"name": "tiny", "job": "toy", "out": str(tmp_path), "algos": ["standard", "cdp_all", "w1_all"],
+            "seeds": [0, 1], "variants": {"w1_all": {"algo": "cdp_all", "policy.contraction.weight": 1.0}},
             "overrides": {"train.steps": 20, "data.n_data": 256, "eval.n_samples": 50, "policy.network.hidden": 16,
                           "policy.schedule.num_steps": 5, "eval.snapshots": 2, "train.threads": 1}}
     p = tmp_path / "tiny.yaml"
@@ -345,10 +346,15 @@ def test_toy_grid_on_ray(tmp_path, capsys):
             cfg["policy"]["schedule"]["num_steps"], cfg["train"]["threads"]) == (20, 256, 50, 16, 5, 1)
     assert cfg["algo"]["variants"] == ["standard"] and cfg["train"]["seed"] == 0 and cfg["train"]["progress"] is False
     assert "| standard | fourmode | 1 | 2 |" in out and "| cdp_all | fourmode | 1 | 2 |" in out
+    # the variant: its own row, run as the cdp_all preset with its weight, measured against standard
+    assert "| w1_all | fourmode | 1 | 2 |" in out
+    vres = json.loads((expand(s)[-1].out / "toy_results.json").read_text())
+    assert vres["config"]["algo"]["variants"] == ["cdp_all"] and vres["config"]["policy"]["contraction"]["weight"] == 1.0
+    assert "| w1_all | fourmode | " in out
     assert "| cdp_all | fourmode | " in out and "standard |" in out  # compute-cost row with its base
     # everything finished: a second run skips all cells without starting Ray
     res2 = run_grid(s, workers=2, log=lambda *a: None)
-    assert res2 == {"ran": 0, "skipped": 4, "failed": [], "nodes": {}}
+    assert res2 == {"ran": 0, "skipped": 6, "failed": [], "nodes": {}}
 
 
 def test_bench_fans_out_to_a_ray_cluster_by_address(tmp_path, capsys):
@@ -448,3 +454,32 @@ def test_every_shipped_spec_parses_and_expands():
             cfg = flatten(parse_job(COMMAND[spec.job], c.args[1:]).to_dict())
             for k, v in {**spec.overrides, **spec.algo_overrides.get(algo, {})}.items():
                 assert cfg[k] == v, (path.name, algo, k, cfg[k], v)
+
+
+def test_variants_are_named_settings_of_a_preset(tmp_path):
+    """'variants' name a preset plus keys; they are listed in 'algos' like presets, run the preset with the keys
+    (algo_overrides of the same name win) and are validated like any cell; bad definitions are refused."""
+    base = {"job": "toy", "seeds": [0], "out": str(tmp_path)}
+    s = parse_spec({**base, "algos": ["standard", "frob", "hinge_w0.3"],
+                    "variants": {"frob": {"algo": "cdp_all", "policy.contraction.loss": "frobenius"},
+                                 "hinge_w0.3": {"algo": "cdp_low10", "policy": {"contraction": {"weight": 0.3}}},
+                                 "unused": {"algo": "cdp_all"}},
+                    "algo_overrides": {"frob": {"policy.contraction.margin": 0.0}}})
+    assert s.variants == {"frob": "cdp_all", "hinge_w0.3": "cdp_low10"} and s.preset("standard") == "standard"
+    cells = {c.algo: c for c in expand(s)}
+    assert cells["frob"].preset == "cdp_all" and cells["frob"].out.parts[-4] == "frob"
+    cfg = parse_job("toy", cells["frob"].args[1:])
+    assert cfg.algo.variants == ["cdp_all"] and cfg.policy.contraction.loss == "frobenius"
+    assert cfg.policy.contraction.margin == 0.0
+    cfg = parse_job("toy", cells["hinge_w0.3"].args[1:])
+    assert cfg.algo.variants == ["cdp_low10"] and cfg.policy.contraction.weight == 0.3
+    for variants, msg in [({"x": {"policy.contraction.weight": 0.3}}, "needs 'algo'"),
+                          ({"x": {"algo": "nope"}}, "needs 'algo'"),
+                          ({"cdp_all": {"algo": "cdp_all"}}, "name of a toy preset"),
+                          ({"x y": {"algo": "cdp_all"}}, "plain name"),
+                          ({"x": {"algo": "cdp_all", "policy.contraction.nope": 1}}, "overrides for x"),
+                          ({"x": "cdp_all"}, "must map")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_spec({**base, "algos": ["x"] if "x" in variants else list(variants), "variants": variants})
+    with pytest.raises(ValueError, match="unknown toy algos"):
+        parse_spec({**base, "algos": ["y"], "variants": {"x": {"algo": "cdp_all"}}})

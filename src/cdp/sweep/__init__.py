@@ -14,6 +14,8 @@ A spec (``configs/experiments/*.yaml``)::
     seeds: [0, 1, 2]                # --train.seed
     overrides: {train.steps: 2000, eval.episodes: 10, train.threads: 1}   # any other key of the config tree
     algo_overrides: {cdp: {policy.contraction.weight: 0.3}}   # optional: keys for one algo only (win over 'overrides')
+    variants:                       # optional: named settings of a preset, listed in 'algos' like a preset
+      cdp_w0.3: {algo: cdp, policy.contraction.weight: 0.3}
     baselines: {cdp: edp}           # optional: algo → its base, for the CDP/base compute ratio
     workers: 2                      # optional default of --workers
     shared_dataset: true            # rl only (default): generate the PointMaze dataset once for all cells

@@ -112,7 +112,7 @@ def collect(spec: Spec) -> list[dict]:
             continue
         res = json.loads(p.read_text())
         rows.append({"algo": c.algo, "dataset": c.dataset, "fraction": c.fraction, "seed": c.seed,
-                     **extract(spec.job, c.algo, res), "path": str(c.out)})
+                     **extract(spec.job, c.preset, res), "path": str(c.out)})
     return rows
 
 
@@ -143,7 +143,7 @@ def summarize(spec: Spec, rows: list[dict]) -> list[dict]:
 
 
 def _baseline(spec: Spec, algo: str) -> str | None:
-    b = spec.baselines.get(algo, DEFAULT_BASELINES.get(algo))
+    b = spec.baselines.get(algo, DEFAULT_BASELINES.get(algo, DEFAULT_BASELINES.get(spec.preset(algo))))
     return b if b in spec.algos and b != algo else None
 
 

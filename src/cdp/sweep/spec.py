@@ -31,7 +31,7 @@ DEFAULT_BASELINES = {"cdp": "edp", "cdp_dql": "dql", "cdp_idql": "idql", "cdp_db
                      "cdp_dit": "dp_dit", "cdp_all": "standard", "cdp_low10": "standard",
                      "cdp_low50": "standard"}
 SPEC_KEYS = {"name", "job", "out", "algos", "datasets", "fractions", "seeds", "overrides", "baselines", "workers",
-             "description", "shared_dataset", "algo_overrides", "data"}
+             "description", "shared_dataset", "algo_overrides", "data", "variants"}
 #: rl dataset names made by ``cdp data mujoco``: <robot>-<kind> → env Hopper-v5 etc.
 LOCOMOTION_NAME = re.compile(r"(hopper|walker2d|halfcheetah)-(random|medium|medium-replay|expert|medium-expert)")
 _ROBOT_ENV = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": "HalfCheetah-v5"}
@@ -54,6 +54,11 @@ class Spec:
     shared_dataset: bool = True
     algo_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, str] = field(default_factory=dict)  # variant name → the job's preset it runs
+
+    def preset(self, algo: str) -> str:
+        """The job preset (``--algo.name`` / toy variant) a grid algo runs: itself, or a variant's ``algo``."""
+        return self.variants.get(algo, algo)
 
     def env_for(self, dataset: str) -> str:
         """The ``--env`` of a grid dataset: ``hopper-medium-replay`` → ``Hopper-v5``; other names are env ids."""
@@ -159,9 +164,26 @@ def parse_spec(data: dict, where: str = "spec", check_flags: bool = True) -> Spe
         raise ValueError(f"{where}: 'job' must be one of {list(JOBS)}, got {job!r}")
     name = str(data.get("name") or Path(where).stem)
     algos = _as_list(data, "algos", str, where)
-    bad = sorted(set(algos) - _valid_algos(job))
+    variants_in = data.get("variants") or {}
+    if not isinstance(variants_in, dict) or not all(isinstance(v, dict) for v in variants_in.values()):
+        raise ValueError(f"{where}: 'variants' must map a name → {{algo: <preset>, <config key>: <value>, ...}}")
+    variants: dict[str, str] = {}
+    variant_keys: dict[str, dict[str, Any]] = {}
+    for vname, vdef in variants_in.items():
+        vname = str(vname)
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", vname):
+            raise ValueError(f"{where}: variant name {vname!r} must be a plain name (letters, digits, _ . + -)")
+        if vname in _valid_algos(job):
+            raise ValueError(f"{where}: variant {vname!r} has the name of a {job} preset; choose another name")
+        base = vdef.get("algo")
+        if base not in _valid_algos(job):
+            raise ValueError(f"{where}: variant {vname!r} needs 'algo', one of {sorted(_valid_algos(job))}; got {base!r}")
+        variants[vname] = str(base)
+        variant_keys[vname] = {k: v for k, v in vdef.items() if k != "algo"}
+    bad = sorted(set(algos) - _valid_algos(job) - set(variants))
     if bad:
-        raise ValueError(f"{where}: unknown {job} algos {bad}; choose from {sorted(_valid_algos(job))}")
+        raise ValueError(f"{where}: unknown {job} algos {bad}; choose from {sorted(_valid_algos(job))} "
+                         f"or a name under 'variants'")
     datasets = _as_list(data, "datasets", str, where) if "datasets" in data or job != "toy" else ["fourmode"]
     for d in datasets:
         if not re.fullmatch(r"[A-Za-z0-9_.+-]+", d):
@@ -193,6 +215,9 @@ def parse_spec(data: dict, where: str = "spec", check_flags: bool = True) -> Spe
     if bad:
         raise ValueError(f"{where}: 'algo_overrides' names algos not in 'algos': {bad}")
     per_algo = {str(a): flatten(unflatten(d)) for a, d in per_algo.items()}
+    for vname, keys in variant_keys.items():  # a variant's keys sit under its algo_overrides (which win)
+        if vname in algos:
+            per_algo[vname] = {**flatten(unflatten(keys)), **per_algo.get(vname, {})}
     for what, ov in [("overrides", overrides)] + [(f"algo_overrides.{a}", d) for a, d in per_algo.items()]:
         fixed = sorted(set(ov) & GRID_FLAGS)
         if fixed:
@@ -204,7 +229,7 @@ def parse_spec(data: dict, where: str = "spec", check_flags: bool = True) -> Spe
     if check_flags:
         for a in algos:
             try:
-                _check_overrides(job, a, {**overrides, **per_algo.get(a, {})})
+                _check_overrides(job, variants.get(a, a), {**overrides, **per_algo.get(a, {})})
             except ValueError as e:
                 raise ValueError(f"{where}: overrides for {a}: {e}") from None
     baselines = data.get("baselines") or {}
@@ -223,7 +248,7 @@ def parse_spec(data: dict, where: str = "spec", check_flags: bool = True) -> Spe
     spec = Spec(name=name, job=job, out=str(out), algos=algos, datasets=datasets, fractions=fractions, seeds=seeds,
                 overrides=overrides, baselines={str(k): str(v) for k, v in baselines.items()}, workers=workers,
                 description=str(data.get("description", "")), shared_dataset=shared,
-                algo_overrides=per_algo, data=mdata)
+                algo_overrides=per_algo, data=mdata, variants={v: b for v, b in variants.items() if v in algos})
     if job == "il":
         bad = sorted(set(mdata) - {"root", "n_demos", "seed", "noise"})
         if bad:
@@ -247,12 +272,16 @@ def load_spec(path: str | os.PathLike, check_flags: bool = True) -> Spec:
 @dataclass
 class Cell:
     job: str
-    algo: str
+    algo: str  # the grid's name for it: a preset, or a variant of one
     dataset: str
     fraction: float
     seed: int
     out: Path
     args: list[str]  # sub-command and flags, without the interpreter
+    preset: str = ""  # the preset it runs (= algo unless a variant)
+
+    def __post_init__(self) -> None:
+        self.preset = self.preset or self.algo
 
     @property
     def key(self) -> tuple[str, str, float]:
@@ -293,7 +322,7 @@ def expand(spec: Spec) -> list[Cell]:
             for frac in spec.fractions:
                 for seed in spec.seeds:
                     out = cell_dir(spec.root, algo, ds, frac, seed).absolute()
-                    args = [COMMAND[spec.job], ALGO_FLAG[spec.job], algo]
+                    args = [COMMAND[spec.job], ALGO_FLAG[spec.job], spec.preset(algo)]
                     if DATASET_FLAG[spec.job]:
                         args += [DATASET_FLAG[spec.job], spec.env_for(ds)]
                     if spec.rl_dataset(ds) is not None:
@@ -305,5 +334,5 @@ def expand(spec: Spec) -> list[Cell]:
                     args += ["--train.seed", str(seed), "--out", str(out), "--train.progress", "False"]
                     for k, v in {**spec.overrides, **spec.algo_overrides.get(algo, {})}.items():
                         args += _flag_values(k, v)
-                    cells.append(Cell(spec.job, algo, ds, frac, seed, out, args))
+                    cells.append(Cell(spec.job, algo, ds, frac, seed, out, args, spec.preset(algo)))
     return cells
