@@ -1,5 +1,5 @@
 """cdp bench: spec validation, grid expansion, skipping finished cells, aggregation numbers, a tiny toy grid on Ray."""
-
+import csv
 import json
 import math
 import statistics
@@ -348,6 +348,17 @@ def test_toy_grid_on_ray(tmp_path, capsys):
     assert "| standard | fourmode | 1 | 2 |" in out and "| cdp_all | fourmode | 1 | 2 |" in out
     # the variant: its own row, run as the cdp_all preset with its weight, measured against standard
     assert "| w1_all | fourmode | 1 | 2 |" in out
+    # the long table of the ablation studies: settings from each cell's resolved config, one row per metric
+    with open(s.root / "summary" / "ablation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len({(r["variant"], r["seed"]) for r in rows}) == 6
+    by = {(r["variant"], r["seed"], r["metric"]): r for r in rows}
+    assert (by[("standard", "0", "off_support")]["weight"], by[("standard", "0", "off_support")]["t_range"]) == ("0.0", "")
+    w1 = by[("w1_all", "1", "off_support")]
+    assert (w1["task"], w1["weight"], w1["t_range"], w1["loss"], w1["margin"]) == ("toy", "1.0", "0-1", "hinge", "0.1")
+    assert by[("cdp_all", "0", "off_support")]["weight"] == "0.1"
+    assert float(w1["value"]) == json.loads((expand(s)[-1].out / "toy_results.json").read_text())[
+        "variants"]["cdp_all"]["off_support"]
     vres = json.loads((expand(s)[-1].out / "toy_results.json").read_text())
     assert vres["config"]["algo"]["variants"] == ["cdp_all"] and vres["config"]["policy"]["contraction"]["weight"] == 1.0
     assert "| w1_all | fourmode | " in out

@@ -198,6 +198,9 @@ def add_bench(sub) -> None:
     p.add_argument("--publish", default=None, metavar="FILE.md",
                    help="write each spec's tables (and plots) between its markers '<!-- cdp bench: NAME -->' and "
                         "'<!-- /cdp bench: NAME -->' in this markdown file (checked before anything runs)")
+    p.add_argument("--ablation-csv", default=None, metavar="FILE.csv",
+                   help="also write the finished cells of all the given specs as one long table (task, variant, "
+                        "weight, t_range, loss, margin, fraction, seed, metric, value), e.g. docs/data/ablation.csv")
     p.set_defaults(func=run_bench)
 
 
@@ -219,6 +222,10 @@ def run_bench(args) -> int:
         if args.device:
             spec.overrides["train.device"] = args.device
         rc = max(rc, _run_one(spec, args, path))
+    if args.ablation_csv and not args.dry_run:
+        from .sweep.ablation import ablation_rows, write_ablation_csv
+        rows = [r for spec in specs for r in ablation_rows(spec)]
+        print(f"wrote {write_ablation_csv(args.ablation_csv, rows)} ({len(rows)} rows)")
     return rc
 
 

@@ -350,8 +350,9 @@ def plot(spec: Spec, summary: list[dict], out_dir: Path) -> list[Path]:
 
 
 def aggregate(spec: Spec, plots: bool = True) -> dict:
-    """Write ``summary.md``, ``summary.csv`` (per group), ``cells.csv`` (per cell) and the plots into
-    ``<out>/<job>/summary/``; returns {"rows", "summary", "markdown", "files"}."""
+    """Write ``summary.md``, ``summary.csv`` (per group), ``cells.csv`` (per cell), ``ablation.csv`` (per cell and
+    metric, with the contraction settings: :mod:`cdp.sweep.ablation`) and the plots into ``<out>/<job>/summary/``;
+    returns {"rows", "summary", "markdown", "files"}."""
     rows = collect(spec)
     summary = summarize(spec, rows)
     out_dir = spec.root / "summary"
@@ -360,7 +361,10 @@ def aggregate(spec: Spec, plots: bool = True) -> dict:
     (out_dir / "summary.md").write_text(md)
     _write_csv(out_dir / "summary.csv", summary)
     _write_csv(out_dir / "cells.csv", rows)
-    files = [out_dir / "summary.md", out_dir / "summary.csv", out_dir / "cells.csv"]
+    from .ablation import ablation_rows, write_ablation_csv
+
+    files = [out_dir / "summary.md", out_dir / "summary.csv", out_dir / "cells.csv",
+             write_ablation_csv(out_dir / "ablation.csv", ablation_rows(spec))]
     if plots:
         files += plot(spec, summary, out_dir)
     return {"rows": rows, "summary": summary, "markdown": md, "files": files}
